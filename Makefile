@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make bench` (installs, runs the benchmark)  and  `make test` (installs, runs the tests).
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch first, pinned: a CPU build of 2.13.0 lies on the development/CI machines' disk; letting pip resolve a
+# newer torch would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-fast bench gpu-check compile-check clean
+
+$(STAMP): pyproject.toml setup.py constraints.txt
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Triton runs on the CPU through its interpreter; it must be switched on before triton is imported.
+test: install
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(VPY) -m vera_kernels.bench
+
+# On a GPU machine (system python with torch/triton/transformers/peft): every kernel against the reference in
+# bf16/fp16/fp32, then the benchmark table. Under 6 minutes on one H100.
+gpu-check:
+	$(PY) bench/gpu_check.py
+
+compile-check:
+	bash csrc/compile_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,57 @@
+"""vera_kernels: fused kernels for VeRA fine-tuning of HuggingFace models, exactly compatible with PEFT.
+
+    import vera_kernels as vk
+    model = vk.patch_model(model, vk.VeraConfig(r=256, target_modules=["q_proj", "v_proj"]))
+
+Importing this package imports neither triton nor bitsandbytes and queries no GPU.
+"""
+
+from . import ops
+from .backends import BACKEND_CHOICES, BACKENDS
+from .checkpoint import get_vera_state_dict, load_adapter, read_adapter, save_adapter
+from .config import VeraConfig
+from .layer import ModulesToSave, VeraLinear
+from .model import (
+    active_adapters,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapter,
+    get_adapter_config,
+    merge_adapter,
+    patch_model,
+    set_adapter,
+    set_backend,
+    unmerge_adapter,
+    unpatch_model,
+)
+from .projections import VeraProjections, init_projections
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VeraConfig",
+    "VeraLinear",
+    "ModulesToSave",
+    "VeraProjections",
+    "init_projections",
+    "ops",
+    "patch_model",
+    "unpatch_model",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "set_backend",
+    "adapter_names",
+    "active_adapters",
+    "get_adapter_config",
+    "get_vera_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+]

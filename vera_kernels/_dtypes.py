@@ -1,0 +1,47 @@
+"""The dtype rules of vera_kernels, in one place.
+
+- The adapter's trainable vectors (lambda_d, lambda_b) and the shared projections (A, B) are float32 whatever the
+  model's dtype, as in PEFT. They stay float32 when the model is cast with ``.to(dtype)``/``.half()``.
+- The "reference" backend computes the adapter branch in float32 (PEFT's "autocast adapter dtype"), then casts the
+  result back to the base output's dtype.
+- The "torch" and "triton" backends compute in the activation dtype (fp32/fp16/bf16) with float32 accumulation and
+  float32 lambdas; the projections are cast to the activation dtype on the fly (never stored in another dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARAM_DTYPE = torch.float32
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the reference and torch backends so tests can evaluate the formula exactly.
+REFERENCE_DTYPES = COMPUTE_DTYPES + (torch.float64,)
+
+
+def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = "input") -> None:
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"vera_kernels: {what} has dtype {x.dtype}; supported dtypes are {names}")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in on this device type, or None when autocast is off."""
+    if device_type not in ("cuda", "cpu", "xpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def float32_preserving(fn):
+    """Wrap a ``Module._apply`` function so that it may move tensors between devices but never change their dtype.
+
+    Used by the modules that hold the adapter's float32 tensors, so ``model.half()`` or ``model.to(torch.bfloat16)``
+    after patching leaves the trainable vectors and the bit-exact projections in float32.
+    """
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        moved = fn(t)
+        if moved.dtype != t.dtype and t.is_floating_point():
+            return t.to(device=moved.device)
+        return moved
+
+    return apply

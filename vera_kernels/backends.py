@@ -1,0 +1,90 @@
+"""Dispatch between the implementations of the VeRA op, in one place.
+
+- "reference": PEFT's unfused math in float32: the yardstick every other backend is tested against.
+- "torch": a torch.autograd.Function with a hand-derived, memory-lean backward (any device).
+- "triton": fused Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for testing).
+- "auto": triton for CUDA tensors when triton imports, torch otherwise. ``VERA_KERNELS_BACKEND`` overrides "auto".
+
+Asking for a backend that cannot run on the given tensors raises a clear error; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+ENV_BACKEND = "VERA_KERNELS_BACKEND"
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when triton imports, else why not. Imported lazily: `import vera_kernels` never imports triton."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    err = triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter_on():
+        return None
+    return (
+        f"the triton backend runs on CUDA tensors (got a {device.type} tensor); on the CPU it runs only through "
+        "Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
+    )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs on ``device``; raises if the requested one cannot."""
+    check_backend_name(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_BACKEND}={env!r} is not a backend; choose one of {BACKEND_CHOICES}")
+            backend = env
+        else:
+            return "triton" if device.type == "cuda" and triton_import_error() is None else "torch"
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"vera_kernels: backend 'triton' cannot run here: {reason}")
+    return backend
+
+
+def get_impl(backend: str):
+    """The forward function of a concrete backend (imported on first use)."""
+    if backend == "reference":
+        from .ops.reference import vera_linear_reference
+
+        return vera_linear_reference
+    if backend == "torch":
+        from .ops.vera_torch import vera_linear_torch
+
+        return vera_linear_torch
+    if backend == "triton":
+        from .ops.vera_triton import vera_linear_triton
+
+        return vera_linear_triton
+    raise ValueError(f"not a concrete backend: {backend!r}")

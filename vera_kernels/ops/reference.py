@@ -1,0 +1,44 @@
+"""The "reference" backend: PEFT's VeRA forward, unfused and in float32. Autograd does the backward.
+
+    result = base(x)
+    x32    = x.to(float32)                       # PEFT casts the input to the adapter's dtype
+    result = result + lambda_b * F.linear(lambda_d * F.linear(dropout(x32), A_s), B_s)
+    return result.to(base dtype)
+
+Dropout here is ``F.dropout`` on torch's global generator, as PEFT's ``nn.Dropout``; the seed argument is unused.
+Autograd keeps (tokens x r) and (tokens x out) float32 intermediates for backward: this is the memory the other
+backends save.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def vera_linear_reference(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    base_out: Optional[torch.Tensor],
+    vera_A_s: torch.Tensor,
+    vera_B_s: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    *,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    if base_out is None:
+        base_out = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+    out_dtype = base_out.dtype
+    x_ad = x.to(lambda_d.dtype)
+    if dropout_p > 0.0:
+        x_ad = F.dropout(x_ad, dropout_p, training=True)
+    A_s = vera_A_s.to(x_ad.dtype)
+    B_s = vera_B_s.to(x_ad.dtype)
+    result = base_out + lambda_b * F.linear(lambda_d * F.linear(x_ad, A_s), B_s)
+    return result.to(out_dtype)

@@ -10,7 +10,6 @@ Asking for a backend that cannot run on the given tensors raises a clear error; 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,15 +25,20 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_STATUS: list = []  # [None | reason], filled on first use (a plain cache: torch.compile traces through it)
+
+
 def triton_import_error() -> str | None:
     """None when triton imports, else why not. Imported lazily: `import vera_kernels` never imports triton."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if not _TRITON_STATUS:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_STATUS.append(None)
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            _TRITON_STATUS.append(f"triton is not importable ({type(exc).__name__}: {exc})")
+    return _TRITON_STATUS[0]
 
 
 def triton_interpreter_on() -> bool:

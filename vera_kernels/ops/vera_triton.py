@@ -1,0 +1,622 @@
+"""The "triton" backend: fused VeRA forward and backward.
+
+Reads top to bottom: reference -> @triton.jit kernels -> launchers (check, allocate, pick blocks, launch) ->
+custom ops (torch.library, with fake implementations, so torch.compile sees them) -> autograd.Function -> public
+function. Nothing here queries CUDA at import time; triton itself is imported only when this module is.
+
+Math (x: (N, in), A_s = A[:, :in] (r, in), B_s = B[:out] (out, r), m the dropout keep-mask, s = 1/(1-p)):
+    h = (s m * x) A_s^T                        (N, r)  kept for backward, in x's dtype
+    y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
+Kernels:
+    _vera_down_kernel   C = diag-scaled X W (X (M, K) row tiles, W read as (K, N)), dropout on X fused, optional
+                        column scale, optional per-M-tile partial of sum_m C*H (grad lambda_d).
+                        forward: h = drop(x) A_s^T;  backward: gB = g diag(lambda_b) B_s -> dlambda_d, grad_h.
+    _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?( (H diag(kscale)) (V diag(nscale)) ), K = r small.
+                        forward: y += (h lambda_d)(lambda_b B_s)^T, or the whole y = x W^T + b + ... (base fused);
+                        backward: grad_x = g W (+) masked (grad_h A_s).
+    _vera_lambda_b_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k], split over tokens, never
+                        materialising (N, out).
+The projections are read as strided views of the shared float32 A and B and cast tile by tile to the compute
+dtype; lambdas are float32; every dot accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_on
+
+
+# ============================================================================================ reference
+def vera_linear_triton_reference(x, weight, bias, A_s, B_s, lambda_d, lambda_b, keep=None, p=0.0, fan_in_fan_out=False):
+    """The math the kernels implement, in plain torch (float32 adapter math), for tests and gpu-check."""
+    xd = x.float() if keep is None else x.float() * keep * (1.0 / (1.0 - p))
+    h = xd @ A_s.float().t()
+    base = x.float() @ (weight.float() if fan_in_fan_out else weight.float().t())
+    if bias is not None:
+        base = base + bias.float()
+    return base + (h * lambda_d.float()) @ (lambda_b.float()[:, None] * B_s.float()).t()
+
+
+# ============================================================================================ kernels
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    # input_precision only matters for fp32 operands: "ieee" mirrors torch's default fp32 matmul, "tf32" its
+    # allow_tf32 / set_float32_matmul_precision("high") mode.
+    if PRECISION == "ieee":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif PRECISION == "tf32":
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dropout_keep(seed, pid_m, local_rows, cols, n_cols, p, BLOCK_M: tl.constexpr, ROW_GROUP_LOG2: tl.constexpr):
+    """Keep-mask of elements (row, col) of a (rows, n_cols) input: Philox(seed', row_local * n_cols + col) >= p.
+
+    Rows are grouped in blocks of 2**ROW_GROUP_LOG2 (a multiple of every BLOCK_M) so that the 32-bit counter never
+    overflows; the group index is folded into the seed. The same element gets the same bit whatever tile shape a
+    kernel uses, so backward regenerates the forward's mask exactly.
+    """
+    group = (pid_m * BLOCK_M) >> ROW_GROUP_LOG2
+    seed_g = seed + group * 1000003
+    offs = local_rows[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed_g, offs) >= p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _vera_down_kernel(
+    X, W, OUT, KSCALE, NSCALE, H, PART,
+    M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
+    seed, p, drop_scale,
+    HAS_DROPOUT: tl.constexpr, HAS_KSCALE: tl.constexpr, HAS_NSCALE: tl.constexpr,
+    HAS_PARTIAL: tl.constexpr, ATOMIC_PARTIAL: tl.constexpr,
+    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT[m, n] = NSCALE[n] * sum_k drop(X)[m, k] * KSCALE[k] * W[k, n];  PART[pid_m, n] = sum_m (pre-NSCALE) * H."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
+    local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_m, local_rows, k0 + offs_k, K, p, BLOCK_M, ROW_GROUP_LOG2)
+            x = tl.where(keep, x.to(tl.float32) * drop_scale, 0.0).to(x.dtype)
+        if HAS_KSCALE:
+            ks = tl.load(KSCALE + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            w = w * ks[:, None]
+        acc = _mma(x, w.to(x.dtype), acc, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_PARTIAL:
+        h = tl.load(H + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mn_mask, other=0.0)
+        part = tl.sum(acc * h.to(tl.float32), axis=0)
+        if ATOMIC_PARTIAL:
+            tl.atomic_add(PART + offs_n, part, mask=n_mask)
+        else:
+            tl.store(PART + pid_m * stride_pm + offs_n, part, mask=n_mask)
+    if HAS_NSCALE:
+        ns = tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc * ns[None, :]
+    out_ptrs = OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _vera_up_kernel(
+    HH, V, OUT, ACC_IN, KSCALE, NSCALE, XB, WB, BIAS,
+    M, N, K, KB,
+    stride_hm, stride_hk, stride_vk, stride_vn, stride_om, stride_on, stride_am, stride_an,
+    stride_xbm, stride_xbk, stride_wbk, stride_wbn,
+    seed, p, drop_scale,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """OUT = [ACC_IN +] [XB WB + BIAS +] drop( (HH diag(KSCALE)) (V diag(NSCALE)) ), V read as (K, N).
+
+    With HAS_BASE one accumulator carries both products (the scales are folded into the operands), so the base
+    GEMM and the rank-r update cost one pass over OUT. Dropout (backward only) masks the rank-r part, so it is never
+    combined with HAS_BASE.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # Grouped ordering over M: consecutive programs share the same rows of HH / XB while they are in L2.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BASE:
+        xb_ptrs = XB + rows[:, None] * stride_xbm + offs_k[None, :].to(tl.int64) * stride_xbk
+        wb_ptrs = WB + offs_k[:, None].to(tl.int64) * stride_wbk + cols[None, :] * stride_wbn
+        for k0 in range(0, KB, BLOCK_K):
+            k_mask = (k0 + offs_k) < KB
+            a = tl.load(xb_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(wb_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b.to(a.dtype), acc, PRECISION)
+            xb_ptrs += BLOCK_K * stride_xbk
+            wb_ptrs += BLOCK_K * stride_wbk
+    if HAS_NSCALE:
+        ns = tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    h_ptrs = HH + rows[:, None] * stride_hm + offs_k[None, :].to(tl.int64) * stride_hk
+    v_ptrs = V + offs_k[:, None].to(tl.int64) * stride_vk + cols[None, :] * stride_vn
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        hh = tl.load(h_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if HAS_KSCALE:
+            ks = tl.load(KSCALE + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            hh = (hh.to(tl.float32) * ks[None, :]).to(hh.dtype)
+        if HAS_NSCALE:
+            v = v * ns[None, :]
+        acc = _mma(hh, v.to(hh.dtype), acc, PRECISION)
+        h_ptrs += BLOCK_K * stride_hk
+        v_ptrs += BLOCK_K * stride_vk
+
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_DROPOUT:
+        local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
+        keep = _dropout_keep(seed, pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
+        acc = tl.where(keep, acc * drop_scale, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ACC_IN + rows[:, None] * stride_am + cols[None, :] * stride_an, mask=mn_mask, other=0.0).to(
+            tl.float32
+        )
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(OUT.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _vera_lambda_b_kernel(
+    G, H, B, LD, PART,
+    M, N_OUT, R, ROWS_PER_SPLIT,
+    stride_gm, stride_go, stride_hm, stride_hr, stride_bo, stride_br, stride_pp,
+    SPLITS, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """PART[pid_r * SPLITS + pid_s, o] = sum_{k in tile} B[o, k] LD[k] sum_{m in split} G[m, o] H[m, k]."""
+    pid_o = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_mm = tl.arange(0, BLOCK_M)
+    o_mask = offs_o < N_OUT
+    r_mask = offs_r < R
+    m_start = pid_s * ROWS_PER_SPLIT
+    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
+    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_mm
+        rows = offs_m.to(tl.int64)
+        m_mask = offs_m < m_end
+        g = tl.load(G + rows[:, None] * stride_gm + offs_o[None, :] * stride_go,
+                    mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+        h = tl.load(H + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _mma(tl.trans(g), h.to(g.dtype), acc, PRECISION)
+    b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + offs_r[None, :] * stride_br,
+                mask=o_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    ld = tl.load(LD + offs_r, mask=r_mask, other=0.0).to(tl.float32)
+    part = tl.sum(acc * b * ld[None, :], axis=1)
+    if ATOMIC:
+        tl.atomic_add(PART + offs_o, part, mask=o_mask)
+    else:
+        tl.store(PART + (pid_r * SPLITS + pid_s) * stride_pp + offs_o, part, mask=o_mask)
+
+
+# ============================================================================================ launchers
+ROW_GROUP_MIN = 256  # >= every BLOCK_M used below
+
+
+def _row_group_log2(n_cols: int) -> int:
+    """log2 of the rows per dropout counter group: the largest power of two G with G * n_cols < 2**31."""
+    g = max(1, (2**31 - 1) // max(1, n_cols))
+    log2 = int(math.floor(math.log2(g)))
+    if (1 << log2) < ROW_GROUP_MIN:
+        raise ValueError(f"vera_kernels: dropout on inputs with {n_cols} features is not supported (over 2**23)")
+    return log2
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return ""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes and warps per kernel and shape: a measured-on-H100 heuristic, small blocks in the interpreter."""
+    if device.type != "cuda":  # the interpreter: small tiles keep numpy work short; odd shapes still span tiles
+        if kind == "lambda_b":
+            return dict(BLOCK_O=32, BLOCK_R=32, BLOCK_M=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    wide = dtype != torch.float32  # tensor-core dtypes take bigger tiles than ieee fp32 FMA
+    if kind == "down":  # (M x N=r), K = in or out: long K, narrow N
+        bm = 128 if (M >= 4096 and wide) else 64
+        bn = min(128 if wide else 64, _pow2_at_least(N))
+        bk = 64 if wide else 32
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3 if wide else 2)
+    if kind == "up":  # (M x N=out or in), K = r (+ KB with the base fused)
+        bm = 128 if (M >= 1024 and wide) else 64
+        bn = 128 if wide else 64
+        bk = min(64 if wide else 32, _pow2_at_least(K))
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3 if wide else 2)
+    if kind == "lambda_b":  # (out x r), K = tokens
+        bo = 128 if wide else 64
+        br = min(128 if wide else 64, _pow2_at_least(N))
+        bmm = 64 if wide else 32
+        warps = 8 if bo * br >= 128 * 128 else 4
+        return dict(BLOCK_O=bo, BLOCK_R=br, BLOCK_M=bmm, num_warps=warps, num_stages=3 if wide else 2)
+    raise ValueError(kind)
+
+
+def _interp_kwargs(cfg: dict) -> dict:
+    if triton_interpreter_on():  # the interpreter ignores (and some versions reject) scheduling hints
+        return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    return cfg
+
+
+def vera_down(x, w_kn, *, kscale=None, nscale=None, h=None, partial_out=None, deterministic=True,
+              seed=0, p=0.0, out_dtype=None):
+    """C (M, N) = drop(x) diag(kscale) W diag(nscale), with W given as a (K, N) view; optional partial
+    sum_m (pre-nscale C) * h into ``partial_out`` ((num_m_tiles, N) float32, or (N,) with atomics)."""
+    M, K = x.shape
+    K2, N = w_kn.shape
+    assert K == K2, (x.shape, w_kn.shape)
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0:
+        return out, None
+    cfg = _config("down", M, N, K, x.dtype, x.device)
+    n_mtiles = triton.cdiv(M, cfg["BLOCK_M"])
+    part = None
+    if h is not None:
+        part = (torch.zeros((N,), device=x.device, dtype=torch.float32) if not deterministic
+                else torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32))
+    grid = (n_mtiles, triton.cdiv(N, cfg["BLOCK_N"]))
+    dummy = out
+    _vera_down_kernel[grid](
+        x, w_kn, out,
+        kscale if kscale is not None else dummy, nscale if nscale is not None else dummy,
+        h if h is not None else dummy, part if part is not None else dummy,
+        M, N, K,
+        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),
+        h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
+        part.stride(0) if (part is not None and deterministic) else 0,
+        int(seed), float(p), 1.0 / (1.0 - p) if p > 0 else 1.0,
+        HAS_DROPOUT=p > 0, HAS_KSCALE=kscale is not None, HAS_NSCALE=nscale is not None,
+        HAS_PARTIAL=h is not None, ATOMIC_PARTIAL=not deterministic,
+        ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
+        **_interp_kwargs(cfg),
+    )
+    if part is not None and deterministic:
+        part = part.sum(0)
+    return out, part
+
+
+def vera_up(hh, v_kn, out, *, acc_in=None, kscale=None, nscale=None, xb=None, wb_kn=None, bias=None,
+            seed=0, p=0.0):
+    """OUT = [acc_in +] [xb WB + bias +] drop((hh diag(kscale)) (V diag(nscale))), V and WB given as (K, N) views."""
+    M, K = hh.shape
+    K2, N = v_kn.shape
+    assert K == K2 and out.shape == (M, N), (hh.shape, v_kn.shape, out.shape)
+    if M == 0 or N == 0:
+        return out
+    KB = xb.shape[1] if xb is not None else 0
+    cfg = _config("up", M, N, K + KB, hh.dtype, hh.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    dummy = out
+    _vera_up_kernel[grid](
+        hh, v_kn, out, acc_in if acc_in is not None else dummy,
+        kscale if kscale is not None else dummy, nscale if nscale is not None else dummy,
+        xb if xb is not None else dummy, wb_kn if wb_kn is not None else dummy, bias if bias is not None else dummy,
+        M, N, K, KB,
+        hh.stride(0), hh.stride(1), v_kn.stride(0), v_kn.stride(1), out.stride(0), out.stride(1),
+        acc_in.stride(0) if acc_in is not None else 0, acc_in.stride(1) if acc_in is not None else 0,
+        xb.stride(0) if xb is not None else 0, xb.stride(1) if xb is not None else 0,
+        wb_kn.stride(0) if wb_kn is not None else 0, wb_kn.stride(1) if wb_kn is not None else 0,
+        int(seed), float(p), 1.0 / (1.0 - p) if p > 0 else 1.0,
+        HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None,
+        HAS_KSCALE=kscale is not None, HAS_NSCALE=nscale is not None, HAS_DROPOUT=p > 0,
+        ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31, PRECISION=_precision(hh.dtype),
+        **_interp_kwargs(cfg),
+    )
+    return out
+
+
+def vera_lambda_b_grad(g, h, B_s, lambda_d, *, deterministic=True):
+    """dlambda_b (out,) float32 = rowsum(B_s * lambda_d * (g^T h)), split over tokens for parallelism."""
+    M, n_out = g.shape
+    R = h.shape[1]
+    if M == 0:
+        return torch.zeros((n_out,), device=g.device, dtype=torch.float32)
+    cfg = _config("lambda_b", M, R, n_out, g.dtype, g.device)
+    tiles = triton.cdiv(n_out, cfg["BLOCK_O"]) * triton.cdiv(R, cfg["BLOCK_R"])
+    want = max(1, (2 * _num_sms(g.device)) // max(1, tiles))
+    rows_per_split = max(cfg["BLOCK_M"], triton.cdiv(triton.cdiv(M, want), cfg["BLOCK_M"]) * cfg["BLOCK_M"])
+    splits = triton.cdiv(M, rows_per_split)
+    n_rtiles = triton.cdiv(R, cfg["BLOCK_R"])
+    part = (torch.zeros((n_out,), device=g.device, dtype=torch.float32) if not deterministic
+            else torch.empty((n_rtiles * splits, n_out), device=g.device, dtype=torch.float32))
+    grid = (triton.cdiv(n_out, cfg["BLOCK_O"]), n_rtiles, splits)
+    _vera_lambda_b_kernel[grid](
+        g, h, B_s, lambda_d, part,
+        M, n_out, R, rows_per_split,
+        g.stride(0), g.stride(1), h.stride(0), h.stride(1), B_s.stride(0), B_s.stride(1),
+        part.stride(0) if deterministic else 0,
+        splits, ATOMIC=not deterministic, PRECISION=_precision(g.dtype),
+        **_interp_kwargs(cfg),
+    )
+    return part.sum(0) if deterministic else part
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, M, N, seed, p, ROW_GROUP_LOG2: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
+    keep = _dropout_keep(seed, pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
+    """The keep-mask the triton kernels use for ``seed`` on an input of ``shape`` (for tests and checks)."""
+    M, N = shape
+    out = torch.empty((M, N), dtype=torch.int8, device=device)
+    if M and N:
+        grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+        _dropout_mask_kernel[grid](out, M, N, int(seed), float(p), ROW_GROUP_LOG2=_row_group_log2(N),
+                                   BLOCK_M=32, BLOCK_N=32)
+    return out.bool()
+
+
+# ============================================================================================ fused-base policy
+def use_fused_base(M: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the base GEMM runs inside the up kernel (one pass over y) or stays cuBLAS (+ in-place update).
+
+    ``VERA_KERNELS_FUSE_BASE=0/1`` forces it. By default: fused on CUDA in fp16/bf16 from 2048 tokens (the (N x out)
+    read-modify-write the unfused path pays is then a large share of the layer), cuBLAS otherwise (fp32 stays on
+    cuBLAS's IEEE GEMM; small batches are launch-bound where cuBLAS's tuned kernels win).
+    """
+    env = os.environ.get("VERA_KERNELS_FUSE_BASE")
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cuda" and dtype != torch.float32 and M >= 2048
+
+
+# ============================================================================================ custom ops
+def _weight_kn(weight: torch.Tensor, fan_in_fan_out: bool, backward: bool) -> torch.Tensor:
+    """The base weight as a (K, N) view for y = x W^T (forward) or grad_x = g W (backward)."""
+    # Linear stores (out, in); Conv1D (fan_in_fan_out) stores (in, out).
+    if backward:
+        return weight.t() if fan_in_fan_out else weight  # (out, in)
+    return weight if fan_in_fan_out else weight.t()  # (in, out)
+
+
+@torch.library.custom_op("vera_kernels::triton_vera_fwd", mutates_args=())
+def triton_vera_fwd(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    base_out: Optional[torch.Tensor],
+    vera_A_s: torch.Tensor,
+    vera_B_s: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    fuse_base: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): y = base + VeRA delta, h = drop(x) A_s^T saved for backward."""
+    seed_i = int(seed.item()) if seed is not None else 0
+    ld = lambda_d.float().contiguous()
+    lb = lambda_b.float().contiguous()
+    h, _ = vera_down(x, vera_A_s.t(), seed=seed_i, p=dropout_p)
+    n_out = vera_B_s.shape[0]
+    B_kn = vera_B_s.t()  # (r, out)
+    if weight is not None and fuse_base:
+        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=x.dtype)
+        vera_up(h, B_kn, y, kscale=ld, nscale=lb, xb=x, wb_kn=_weight_kn(weight, fan_in_fan_out, False), bias=bias)
+        return y, h
+    if weight is not None:
+        w_t = _weight_kn(weight, fan_in_fan_out, False)
+        y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
+        vera_up(h, B_kn, y, acc_in=y, kscale=ld, nscale=lb)
+        return y, h
+    y = torch.empty_like(base_out)
+    vera_up(h, B_kn, y, acc_in=base_out, kscale=ld, nscale=lb)
+    return y, h
+
+
+@triton_vera_fwd.register_fake
+def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, fuse_base):
+    n_out = vera_B_s.shape[0]
+    y = x.new_empty((x.shape[0], n_out)) if base_out is None else torch.empty_like(base_out)
+    return y, x.new_empty((x.shape[0], vera_A_s.shape[0]))
+
+
+@torch.library.custom_op("vera_kernels::triton_vera_bwd", mutates_args=())
+def triton_vera_bwd(
+    g: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    h: torch.Tensor,
+    vera_A_s: torch.Tensor,
+    vera_B_s: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    dropout_p: float,
+    fan_in_fan_out: bool,
+    need_x: bool,
+    need_lambdas: bool,
+    fuse_base: bool,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_lambda_d, grad_lambda_b); grad_x includes the base's g W when ``weight`` is given.
+    Tensors not asked for come back empty."""
+    seed_i = int(seed.item()) if seed is not None else 0
+    ld = lambda_d.float().contiguous()
+    lb = lambda_b.float().contiguous()
+    M = g.shape[0]
+    n_in = vera_A_s.shape[1]
+    # gB = g diag(lambda_b) B_s (N, r); grad_lambda_d = sum_m gB*h; grad_h = gB diag(lambda_d)
+    grad_h, grad_ld = vera_down(g, vera_B_s, kscale=lb, nscale=ld, h=h if need_lambdas else None,
+                                deterministic=deterministic)
+    if need_lambdas:
+        grad_lb = vera_lambda_b_grad(g, h, vera_B_s, ld, deterministic=deterministic)
+        if grad_ld is None:  # M == 0
+            grad_ld = torch.zeros_like(ld)
+    else:
+        grad_ld = g.new_empty((0,), dtype=torch.float32)
+        grad_lb = g.new_empty((0,), dtype=torch.float32)
+    if not need_x:
+        return g.new_empty((0,)), grad_ld, grad_lb
+    grad_x = torch.empty((M, n_in), device=g.device, dtype=g.dtype)
+    if weight is not None and fuse_base and dropout_p == 0.0:
+        vera_up(grad_h, vera_A_s, grad_x, xb=g, wb_kn=_weight_kn(weight, fan_in_fan_out, True))
+    elif weight is not None:
+        torch.mm(g, _weight_kn(weight, fan_in_fan_out, True), out=grad_x)
+        vera_up(grad_h, vera_A_s, grad_x, acc_in=grad_x, seed=seed_i, p=dropout_p)
+    else:
+        vera_up(grad_h, vera_A_s, grad_x, seed=seed_i, p=dropout_p)
+    return grad_x, grad_ld, grad_lb
+
+
+@triton_vera_bwd.register_fake
+def _(g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, need_x, need_lambdas,
+      fuse_base, deterministic):
+    r = vera_A_s.shape[0]
+    grad_x = g.new_empty((g.shape[0], vera_A_s.shape[1])) if need_x else g.new_empty((0,))
+    n = (r, vera_B_s.shape[0]) if need_lambdas else (0, 0)
+    return grad_x, g.new_empty((n[0],), dtype=torch.float32), g.new_empty((n[1],), dtype=torch.float32)
+
+
+# ============================================================================================ autograd
+class VeraLinearTritonFunction(torch.autograd.Function):
+    r"""Fused VeRA linear. Same derivation as the torch backend's VeraLinearFunction:
+
+        h = drop(x) A_s^T;   y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
+        gB = g diag(lambda_b) B_s;   dlambda_d = sum_n gB * h;   grad_h = gB diag(lambda_d)
+        dlambda_b[o] = sum_k B_s[o, k] lambda_d[k] (g^T h)[o, k]     (no (N x out) tensor)
+        dx = s m * (grad_h A_s) + g W_eff;   dW = g^T x (x^T g for Conv1D);   db = sum_n g
+    Saved for backward: h (N x r, x's dtype) and the dropout seed (plus x only when the base weight needs grad).
+    Reductions over tokens are deterministic (per-tile partials summed in a fixed order) when
+    ``torch.use_deterministic_algorithms(True)`` is on, float32 atomics otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed,
+                fan_in_fan_out, fuse_base):
+        y, h = torch.ops.vera_kernels.triton_vera_fwd(
+            x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out,
+            fuse_base,
+        )
+        needs_w = weight is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(h, x if needs_w else None, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed)
+        ctx.dropout_p = dropout_p
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.fuse_base = fuse_base
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed = ctx.saved_tensors
+        need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
+        grad_x, grad_ld, grad_lb = torch.ops.vera_kernels.triton_vera_bwd(
+            g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, ctx.dropout_p, ctx.fan_in_fan_out,
+            need_x, need_ld or need_lb, ctx.fuse_base, torch.are_deterministic_algorithms_enabled(),
+        )
+        grad_w = grad_b = None
+        if need_w:
+            grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
+        if need_b:
+            grad_b = g.sum(0)
+        return (
+            grad_x if need_x else None,
+            grad_w,
+            grad_b,
+            g if need_base else None,
+            None,
+            None,
+            grad_ld.to(lambda_d.dtype) if need_ld else None,
+            grad_lb.to(lambda_b.dtype) if need_lb else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ============================================================================================ public
+def vera_linear_triton(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    base_out: Optional[torch.Tensor],
+    vera_A_s: torch.Tensor,
+    vera_B_s: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    *,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    fan_in_fan_out: bool,
+    fuse_base: Optional[bool] = None,
+) -> torch.Tensor:
+    if fuse_base is None:
+        fuse_base = weight is not None and use_fused_base(x.shape[0], x.dtype, x.device)
+    return VeraLinearTritonFunction.apply(
+        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out,
+        bool(fuse_base),
+    )

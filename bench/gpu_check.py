@@ -1,0 +1,532 @@
+"""`make gpu-check`: every kernel against the reference in bf16/fp16/fp32, then the benchmark table. One script,
+under 6 minutes on one H100. Run from the repository root with the machine's python (torch, triton, transformers,
+peft installed; vera_kernels is imported from the checkout).
+
+Phases
+  A  correctness (three processes in parallel, one per dtype, which also compiles the Triton kernels into the shared
+     on-disk cache): triton vs a float64 evaluation of the formula, forward and every gradient, on odd shapes, slices,
+     strided and 3-D inputs, Conv1D layout, bias/no bias, dropout (mask regenerated from the seed), N = 0, the fused
+     and the cuBLAS base path, deterministic and atomic reductions. Each error is judged against PyTorch's own error
+     in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
+     Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer.
+  B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (fused and cuBLAS base), at
+     the issue's shapes; fwd+bwd time (CUDA events via triton.testing.do_bench, medians, implementations alternated,
+     inputs rotated), saved activation bytes, peak memory.
+  C  model benchmark: `python -m vera_kernels.bench --device cuda --model llama-1b --quick` (time-boxed).
+Everything printed is measured in this run; the JSON lands in $OUT (or bench/results/) when set.
+
+    python bench/gpu_check.py               # all phases
+    python bench/gpu_check.py --cpu-smoke   # the same code paths on tiny shapes on the CPU (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TOL_FLOOR = {"float32": 2e-6, "float16": 2e-4, "bfloat16": 2e-3}
+TOL_FACTOR = 4.0
+
+
+def _dt(name):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# ============================================================================================ phase A: correctness
+def correctness_cases(smoke: bool):
+    """(name, kwargs) of every case; tiny on the CPU smoke run."""
+    if smoke:
+        big = dict(N=37, fin=45, fout=29, r=19, in_max=50, out_max=33)
+        return [
+            ("odd", dict(big)),
+            ("odd-fused", dict(big, fuse=True)),
+            ("conv1d-nobias", dict(big, fifo=True, bias=False)),
+            ("dropout", dict(big, p=0.25)),
+            ("dropout-fused", dict(big, p=0.25, fuse=True)),
+            ("strided-2d", dict(big, strided=True)),
+            ("strided-3d", dict(big, strided=True, lead=(3,))),
+            ("atomic", dict(big, deterministic=False)),
+            ("weight-grad", dict(big, weight_grad=True)),
+            ("N=0", dict(big, N=0)),
+        ]
+    cases = []
+    for fuse in (False, True):
+        tag = "fused" if fuse else "cublas"
+        cases += [
+            (f"odd-{tag}", dict(N=1000, fin=1001, fout=777, r=63, in_max=1111, out_max=1501, fuse=fuse)),
+            (f"llama-{tag}", dict(N=4096, fin=2048, fout=5632, r=256, in_max=5632, out_max=5632, fuse=fuse)),
+            (f"conv1d-{tag}", dict(N=555, fin=768, fout=2304, r=200, in_max=3072, out_max=3072, fifo=True,
+                                   bias=True, fuse=fuse)),
+            (f"dropout-{tag}", dict(N=1023, fin=1000, fout=1200, r=128, in_max=1000, out_max=1200, p=0.1,
+                                    fuse=fuse)),
+            (f"strided2d-{tag}", dict(N=300, fin=513, fout=257, r=64, in_max=600, out_max=300, strided=True,
+                                      fuse=fuse)),
+            (f"strided3d-{tag}", dict(N=300, fin=513, fout=257, r=64, in_max=600, out_max=300, strided=True,
+                                      lead=(3,), fuse=fuse)),
+            (f"wgrad-{tag}", dict(N=257, fin=320, fout=640, r=1024, in_max=320, out_max=640, weight_grad=True,
+                                  fuse=fuse)),
+        ]
+    cases += [
+        ("atomic", dict(N=2048, fin=1024, fout=1024, r=256, in_max=1024, out_max=1024, deterministic=False)),
+        ("r=8-nobias", dict(N=333, fin=256, fout=512, r=8, in_max=256, out_max=512, bias=False)),
+        ("N=0", dict(N=0, fin=256, fout=512, r=32, in_max=256, out_max=512)),
+        ("N=1", dict(N=1, fin=4096, fout=4096, r=256, in_max=4096, out_max=11008)),
+    ]
+    return cases
+
+
+def _formula(x, W, b, A_s, B_s, ld, lb, keep, p, fifo, dtype):
+    """y in ``dtype`` with plain torch ops (autograd), the yardstick for rounding; float64 gives the truth."""
+    import torch
+
+    x, W, A_s, B_s = x.to(dtype), W.to(dtype), A_s.to(dtype), B_s.to(dtype)
+    xd = x if keep is None else x * keep.to(dtype) / (1 - p)
+    base = x @ (W if fifo else W.t())
+    if b is not None:
+        base = base + b.to(dtype)
+    if dtype == torch.float64:
+        return base + ((xd @ A_s.t()) * ld.to(dtype)) @ (lb.to(dtype)[:, None] * B_s).t()
+    h = xd @ A_s.t()
+    return base + (h * ld.to(dtype)) @ (lb[:, None] * B_s.float()).to(dtype).t()
+
+
+def _poison(device):
+    import torch
+
+    if device.type == "cuda":
+        t = torch.empty(64 * 2**20, device=device).fill_(float("nan"))
+        del t
+
+
+def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True, p=0.0, fuse=False,
+             strided=False, lead=(), deterministic=True, weight_grad=False, device="cuda"):
+    import torch
+
+    from vera_kernels.ops import vera_linear
+    from vera_kernels.ops import vera_triton as vt
+
+    dtype = _dt(dtype_name)
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(N * 7919 + fin * 31 + fout + r)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dev)
+
+    total = N
+    rows = N
+    if strided:  # non-contiguous: every other column of a wider tensor, leading dims
+        x_full = rnd(*lead, rows, 2 * fin).to(dtype)
+        x = x_full[..., ::2]
+    else:
+        x = rnd(*lead, rows, fin).to(dtype)
+    x.requires_grad_(True)
+    W = (rnd(fin, fout) if fifo else rnd(fout, fin)).mul(fin**-0.5).to(dtype).requires_grad_(weight_grad)
+    b = rnd(fout).to(dtype).requires_grad_(weight_grad) if bias else None
+    A = rnd(r, in_max, scale=(6 / in_max) ** 0.5)
+    B = rnd(out_max, r, scale=(6 / r) ** 0.5)
+    ld = rnd(r).requires_grad_(True)
+    lb = rnd(fout).requires_grad_(True)
+    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    _poison(dev)
+    torch.manual_seed(1234)
+    y = vera_linear(x, W, b, A, B, ld, lb, dropout_p=p, training=True, fan_in_fan_out=fifo, backend="triton")
+    keep = None
+    if p > 0:
+        torch.manual_seed(1234)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        keep = vt.dropout_keep_mask(seed, (x.reshape(-1, fin).shape[0], fin), p, dev).reshape(x.shape)
+    gy = rnd(*y.shape).to(dtype)
+    inputs = [x, ld, lb] + ([W] if weight_grad else []) + ([b] if weight_grad and bias else [])
+    _poison(dev)
+    grads = torch.autograd.grad(y, inputs, gy) if total else [torch.zeros_like(t) for t in inputs]
+    torch.use_deterministic_algorithms(False)
+
+    def yardstick(dt):
+        ins = [t.detach().to(torch.float64 if dt == torch.float64 else t.dtype).requires_grad_(True) for t in inputs]
+        xx, ldd, lbb = ins[0], ins[1], ins[2]
+        WW = ins[3] if weight_grad else W.detach()
+        bb = ins[4] if (weight_grad and bias) else (b.detach() if bias else None)
+        yy = _formula(xx, WW, bb, A[:, :fin], B[:fout], ldd, lbb, keep, p, fifo, dt)
+        gg = torch.autograd.grad(yy, ins, gy.to(yy.dtype)) if total else [torch.zeros_like(t) for t in ins]
+        return yy, gg
+
+    y64, g64 = yardstick(torch.float64)
+    yd, gd = yardstick(dtype)
+    names = ["y", "x", "lambda_d", "lambda_b"] + (["W"] if weight_grad else []) + (["b"] if weight_grad and bias else [])
+    rows_out = []
+    ok = True
+    for name, ours, theirs, truth in zip(names, [y] + list(grads), [yd] + list(gd), [y64] + list(g64)):
+        denom = truth.norm().item() or 1.0
+        err = (ours.double() - truth).norm().item() / denom
+        base_err = (theirs.double() - truth).norm().item() / denom
+        finite = bool(torch.isfinite(ours).all())
+        tol = max(TOL_FACTOR * base_err, TOL_FLOOR[dtype_name])
+        passed = finite and err <= tol
+        ok &= passed
+        rows_out.append(dict(tensor=name, err=err, torch_err=base_err, tol=tol, finite=finite, ok=passed))
+    os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    return ok, rows_out
+
+
+def phase_a_worker(dtype_name: str, smoke: bool, out_path: str):
+    """One dtype's correctness cases (run in its own process); writes JSON lines."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    results = []
+    for name, kw in correctness_cases(smoke):
+        if smoke and dtype_name == "bfloat16":
+            break  # the interpreter's bf16 dot is broken; bf16 is verified on the GPU
+        t0 = time.time()
+        try:
+            ok, rows = run_case(dtype_name, device=device, **kw)
+            results.append(dict(case=name, dtype=dtype_name, ok=ok, rows=rows, s=time.time() - t0))
+        except Exception as exc:  # a failing case must not hide the others
+            results.append(dict(case=name, dtype=dtype_name, ok=False, error=f"{type(exc).__name__}: {exc}",
+                                trace=traceback.format_exc()[-2000:], s=time.time() - t0))
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+def big_offsets_check():
+    """A > 2**31-element input and output: 64-bit offsets (forward and backward, rows sampled against torch)."""
+    import torch
+
+    from vera_kernels.ops import vera_linear
+
+    dev = torch.device("cuda")
+    N, fin, fout, r = 2**19 + 3, 4096 + 8, 4096 + 8, 16  # x and y: > 2**31 elements each
+    x = torch.randn(N, fin, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(fout, fin, device=dev) * fin**-0.5).to(torch.bfloat16)
+    A = torch.randn(r, fin, device=dev) * 0.03
+    B = torch.randn(fout, r, device=dev) * 0.3
+    ld = torch.randn(r, device=dev, requires_grad=True)
+    lb = torch.randn(fout, device=dev, requires_grad=True)
+    out = {}
+    for fuse in ("0", "1"):
+        os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+        y = vera_linear(x, W, None, A, B, ld, lb, backend="triton")
+        idx = torch.tensor([0, 1, N // 2, N - 2, N - 1], device=dev)
+        xs = x.detach()[idx].double()
+        ref = xs @ W.double().t() + ((xs @ A.double().t()) * ld.double()) @ (lb.double()[:, None] * B.double()).t()
+        err = ((y.detach()[idx].double() - ref).norm() / ref.norm()).item()
+        gy = torch.ones_like(y)
+        (gx,) = torch.autograd.grad(y, [x], gy)
+        gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ (lb.double()[:, None] * B.double())) * ld.double()) @ A.double()
+        gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
+        out[f"fuse={fuse}"] = dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
+        del y, gx, gy
+    os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    return out
+
+
+def compile_check(device: str):
+    """torch.compile(fullgraph=True) of a patched model with the triton backend; must match eager."""
+    import torch
+    from torch import nn
+
+    import vera_kernels as vk
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(96, 160)
+            self.down = nn.Linear(160, 96)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.gelu(self.up(x))) + x
+
+    m = Block().to(dev, dtype)
+    vk.patch_model(m, vk.VeraConfig(r=32, target_modules=["up", "down"], init_weights=False), backend="triton")
+    x = torch.randn(4, 33, 96, device=dev, dtype=dtype, requires_grad=True)
+    y_eager = m(x)
+    g_eager = torch.autograd.grad(y_eager.float().square().mean(), [x] + [p for p in m.parameters() if p.requires_grad])
+    cm = torch.compile(m, fullgraph=True)
+    y_c = cm(x)
+    g_c = torch.autograd.grad(y_c.float().square().mean(), [x] + [p for p in m.parameters() if p.requires_grad])
+    err = max([(y_c.float() - y_eager.float()).abs().max().item()] +
+              [((a - b).float().norm() / (b.float().norm() + 1e-12)).item() for a, b in zip(g_c, g_eager)])
+    return dict(max_err=err, ok=err < (5e-2 if dtype != torch.float32 else 1e-4))
+
+
+# ============================================================================================ phase B: layer bench
+def saved_activation_bytes(fn, exclude):
+    import torch
+
+    seen, total = set(), [0]
+    excl = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in seen and ptr not in excl:
+            seen.add(ptr)
+            total[0] += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+def layer_bench(smoke: bool):
+    import torch
+    from torch import nn
+
+    import vera_kernels as vk
+
+    dev = torch.device("cuda" if not smoke else "cpu")
+    dtype = torch.bfloat16 if not smoke else torch.float32
+    if smoke:
+        shapes = [(64, 48, 40, 16)]
+    else:
+        shapes = [
+            (8192, 4096, 4096, 256), (8192, 4096, 11008, 256),
+            (8192, 4096, 4096, 64), (8192, 4096, 4096, 1024),
+            (512, 4096, 4096, 256), (512, 4096, 11008, 256),
+        ]
+    try:
+        from triton.testing import do_bench
+    except Exception:  # pragma: no cover
+        do_bench = None
+    rows = []
+    for tokens, fin, fout, r in shapes:
+        torch.manual_seed(0)
+
+        class One(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(fin, fout, bias=False)
+
+            def forward(self, x):
+                return self.lin(x)
+
+        base = One().to(dev, dtype).requires_grad_(False)
+        impls = {"base": base}
+        try:
+            import copy
+
+            from peft import VeraConfig as PeftVeraConfig
+            from peft import get_peft_model
+
+            impls["peft"] = get_peft_model(copy.deepcopy(base), PeftVeraConfig(r=r, target_modules=["lin"],
+                                                                               init_weights=False))
+        except Exception as exc:
+            print(f"  peft unavailable: {exc}")
+        import copy
+
+        variants = [("reference", None), ("torch", None), ("triton", "0"), ("triton", "1")]
+        if smoke:
+            variants = [("reference", None), ("torch", None), ("triton", "0")]
+        for backend, fuse in variants:
+            m = vk.patch_model(copy.deepcopy(base), vk.VeraConfig(r=r, target_modules=["lin"], init_weights=False),
+                               backend=backend)
+            impls[backend if fuse is None else f"triton-{'fused' if fuse == '1' else 'cublas'}"] = (m, fuse)
+        xs = [torch.randn(tokens, fin, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
+        gy = torch.randn(tokens, fout, device=dev, dtype=dtype)
+        state = {"i": 0}
+
+        def make_step(mod, fuse):
+            def step():
+                if fuse is not None:
+                    os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+                x = xs[state["i"] % len(xs)]
+                state["i"] += 1
+                y = mod(x)
+                y.backward(gy)
+                x.grad = None
+            return step
+
+        steps = {}
+        for name, obj in impls.items():
+            mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
+            steps[name] = make_step(mod, fuse)
+        times = {n: [] for n in steps}
+        rounds = 3 if not smoke else 1
+        for _ in range(rounds):
+            for name, step in steps.items():  # alternated: A B C ... A B C ...
+                if do_bench is not None and dev.type == "cuda":
+                    times[name].append(do_bench(step, warmup=10, rep=40, return_mode="median"))
+                else:
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, obj in impls.items():
+            mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
+            if fuse is not None:
+                os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+            x = xs[0]
+            params = [p for p in mod.parameters()] + [b for b in mod.buffers()]
+            saved, y = saved_activation_bytes(lambda: mod(x), params + [x])
+            del y
+            peak = None
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                steps[name]()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - before
+            med = sorted(times[name])[len(times[name]) // 2]
+            rows.append(dict(tokens=tokens, fin=fin, fout=fout, r=r, impl=name, fwd_bwd_ms=med,
+                             spread_ms=(min(times[name]), max(times[name])), saved_bytes=saved, peak_bytes=peak))
+        os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+        del impls, steps, xs, gy
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_layer_table(rows):
+    print("\nLayer fwd+bwd (bf16 on GPU), medians of alternated rounds; ratios within this run")
+    hdr = f"{'tokens':>6} {'in->out':>11} {'r':>5} {'impl':>15} {'ms':>8} {'x base':>7} {'peft/x':>7} {'saved MiB':>10} {'saved/(N*r*2)':>13} {'peak MiB':>9}"
+    print(hdr)
+    key = lambda r: (r["tokens"], r["fin"], r["fout"], r["r"])
+    groups = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    for k, rs in groups.items():
+        base = next((r for r in rs if r["impl"] == "base"), None)
+        peft = next((r for r in rs if r["impl"] == "peft"), None)
+        for r in rs:
+            xb = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else float("nan")
+            sp = peft["fwd_bwd_ms"] / r["fwd_bwd_ms"] if peft else float("nan")
+            lim = r["tokens"] * r["r"] * 2
+            peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else f"{'-':>9}"
+            print(f"{k[0]:>6} {str(k[1]) + '->' + str(k[2]):>11} {k[3]:>5} {r['impl']:>15} {r['fwd_bwd_ms']:8.3f} "
+                  f"{xb:7.3f} {sp:7.2f} {r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / lim:13.2f} {peak}")
+
+
+# ============================================================================================ main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
+    ap.add_argument("--phase-a-worker", nargs=2, metavar=("DTYPE", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--model-timeout", type=int, default=150)
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.phase_a_worker:
+        phase_a_worker(args.phase_a_worker[0], args.cpu_smoke, args.phase_a_worker[1])
+        return 0
+
+    import torch
+
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dev_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    report["machine"] = dict(device=dev_name, torch=torch.__version__, triton=triton_version, commit=commit or None)
+    print(f"gpu-check on {dev_name}; torch {torch.__version__}, triton {triton_version}, commit {commit}", flush=True)
+
+    # ---- phase A: one process per dtype, in parallel (also fills the Triton cache for phase B)
+    procs = []
+    for dt in ("bfloat16", "float16", "float32"):
+        path = os.path.join(out_dir, f"gpu_check_{dt}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--phase-a-worker", dt, path]
+        if args.cpu_smoke:
+            cmd.insert(2, "--cpu-smoke")
+        procs.append((dt, path, subprocess.Popen(cmd, cwd=ROOT)))
+    extra = {}
+    if torch.cuda.is_available() and not args.cpu_smoke:
+        for name, fn in (("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)):
+            t0 = time.time()
+            try:
+                extra[name] = fn()
+            except Exception as exc:
+                extra[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
+            extra[name]["s"] = round(time.time() - t0, 1)
+            torch.cuda.empty_cache()
+    else:
+        try:
+            extra["compile"] = compile_check("cpu")
+        except Exception as exc:
+            extra["compile"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}")
+    results = []
+    for dt, path, p in procs:
+        rc = p.wait()
+        try:
+            with open(path) as f:
+                results += json.load(f)
+        except Exception as exc:
+            results.append(dict(case="(worker)", dtype=dt, ok=False, error=f"worker rc={rc}: {exc}"))
+    report["correctness"] = results
+    report["extra_checks"] = extra
+    n_ok = sum(r["ok"] for r in results)
+    print(f"\nPhase A: {n_ok}/{len(results)} correctness cases pass  ({time.time() - t_start:.0f} s)")
+    print(f"{'dtype':>9} {'case':>18} {'ok':>3}  worst tensor: err vs fp64 (torch's own err, tol)")
+    for r in results:
+        if "rows" in r:
+            worst = max(r["rows"], key=lambda x: x["err"] / x["tol"])
+            print(f"{r['dtype']:>9} {r['case']:>18} {'ok' if r['ok'] else 'NO':>3}  {worst['tensor']}: "
+                  f"{worst['err']:.2e} ({worst['torch_err']:.2e}, {worst['tol']:.1e})")
+        else:
+            print(f"{r['dtype']:>9} {r['case']:>18} {'NO':>3}  {r.get('error')}")
+    for name, res in extra.items():
+        print(f"{'extra':>9} {name:>18} {'ok' if res.get('ok') else 'NO':>3}  "
+              + json.dumps({k: v for k, v in res.items() if k not in ('trace',)}))
+
+    # ---- phase B: layer benchmark
+    t0 = time.time()
+    try:
+        rows = layer_bench(args.cpu_smoke)
+        report["layer_bench"] = rows
+        print_layer_table(rows)
+    except Exception as exc:
+        report["layer_bench_error"] = traceback.format_exc()[-3000:]
+        print("layer bench failed:", exc)
+        traceback.print_exc()
+    print(f"(phase B {time.time() - t0:.0f} s)", flush=True)
+
+    # ---- phase C: model benchmark (the bench CLI), time-boxed
+    if not args.skip_model:
+        t0 = time.time()
+        json_path = os.path.join(out_dir, "gpu_check_model.json")
+        cmd = [sys.executable, "-m", "vera_kernels.bench", "--json", json_path]
+        cmd += ["--device", "cuda", "--model", "llama-1b", "--quick"] if not args.cpu_smoke else ["--quick"]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, timeout=args.model_timeout, capture_output=True, text=True,
+                                  env=dict(os.environ, PYTHONPATH=ROOT))
+            print(proc.stdout[-6000:])
+            if proc.returncode:
+                print(proc.stderr[-3000:])
+            report["model_bench_rc"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            print(f"model bench timed out after {args.model_timeout} s")
+            report["model_bench_rc"] = "timeout"
+        print(f"(phase C {time.time() - t0:.0f} s)")
+
+    report["total_s"] = round(time.time() - t_start, 1)
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    ok = all(r["ok"] for r in results) and all(v.get("ok") for v in extra.values())
+    print(f"\ngpu-check {'PASSED' if ok else 'FAILED'} in {report['total_s']} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -228,6 +228,7 @@ def big_offsets_check():
         out[f"fuse={fuse}"] = dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
         del y, gx, gy
     os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    out["ok"] = all(v["ok"] for v in out.values())
     return out
 
 
@@ -282,6 +283,24 @@ def saved_activation_bytes(fn, exclude):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return total[0], out
+
+
+def graph_time_ms(step, do_bench):
+    """GPU time of one fwd+bwd with the CPU out of the picture: the step captured in a CUDA graph, replays timed."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+    del graph
+    return ms
 
 
 def layer_bench(smoke: bool):
@@ -357,6 +376,7 @@ def layer_bench(smoke: bool):
             mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
             steps[name] = make_step(mod, fuse)
         times = {n: [] for n in steps}
+        gtimes = {}
         rounds = 3 if not smoke else 1
         for _ in range(rounds):
             for name, step in steps.items():  # alternated: A B C ... A B C ...
@@ -366,6 +386,13 @@ def layer_bench(smoke: bool):
                     t0 = time.perf_counter()
                     step()
                     times[name].append((time.perf_counter() - t0) * 1e3)
+        if dev.type == "cuda":
+            for name, step in steps.items():
+                try:
+                    gtimes[name] = graph_time_ms(step, do_bench)
+                except Exception as exc:
+                    gtimes[name] = None
+                    print(f"  graph capture failed for {name}: {type(exc).__name__}: {str(exc)[:200]}")
         for name, obj in impls.items():
             mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
             if fuse is not None:
@@ -383,7 +410,7 @@ def layer_bench(smoke: bool):
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated() - before
             med = sorted(times[name])[len(times[name]) // 2]
-            rows.append(dict(tokens=tokens, fin=fin, fout=fout, r=r, impl=name, fwd_bwd_ms=med,
+            rows.append(dict(tokens=tokens, fin=fin, fout=fout, r=r, impl=name, fwd_bwd_ms=med, graph_ms=gtimes.get(name),
                              spread_ms=(min(times[name]), max(times[name])), saved_bytes=saved, peak_bytes=peak))
         os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
         del impls, steps, xs, gy
@@ -393,8 +420,10 @@ def layer_bench(smoke: bool):
 
 
 def print_layer_table(rows):
-    print("\nLayer fwd+bwd (bf16 on GPU), medians of alternated rounds; ratios within this run")
-    hdr = f"{'tokens':>6} {'in->out':>11} {'r':>5} {'impl':>15} {'ms':>8} {'x base':>7} {'peft/x':>7} {'saved MiB':>10} {'saved/(N*r*2)':>13} {'peak MiB':>9}"
+    print("\nLayer fwd+bwd (bf16 on GPU). eager: wall per step, CPU launch overhead included (medians of alternated"
+          " rounds); graph: the same step replayed from a CUDA graph (GPU time only). Ratios within this run.")
+    hdr = (f"{'tokens':>6} {'in->out':>11} {'r':>5} {'impl':>15} {'eager ms':>8} {'graph ms':>8} {'x base':>7} "
+           f"{'peft/x':>7} {'saved MiB':>10} {'saved/(N*r*2)':>13} {'peak MiB':>9}")
     print(hdr)
     key = lambda r: (r["tokens"], r["fin"], r["fout"], r["r"])
     groups = {}
@@ -403,13 +432,65 @@ def print_layer_table(rows):
     for k, rs in groups.items():
         base = next((r for r in rs if r["impl"] == "base"), None)
         peft = next((r for r in rs if r["impl"] == "peft"), None)
+        def t(r):  # judge on GPU time where a graph replay was measured, else on wall time
+            return r["graph_ms"] if r.get("graph_ms") else r["fwd_bwd_ms"]
+
         for r in rs:
-            xb = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else float("nan")
-            sp = peft["fwd_bwd_ms"] / r["fwd_bwd_ms"] if peft else float("nan")
+            xb = t(r) / t(base) if base else float("nan")
+            sp = t(peft) / t(r) if peft else float("nan")
             lim = r["tokens"] * r["r"] * 2
             peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else f"{'-':>9}"
+            gms = f"{r['graph_ms']:8.3f}" if r.get("graph_ms") else f"{'-':>8}"
             print(f"{k[0]:>6} {str(k[1]) + '->' + str(k[2]):>11} {k[3]:>5} {r['impl']:>15} {r['fwd_bwd_ms']:8.3f} "
-                  f"{xb:7.3f} {sp:7.2f} {r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / lim:13.2f} {peak}")
+                  f"{gms} {xb:7.3f} {sp:7.2f} {r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / lim:13.2f} {peak}")
+
+
+def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
+    """Each Triton kernel against the cuBLAS call doing the same math, bf16, at one issue shape."""
+    import torch
+    from triton.testing import do_bench
+
+    from vera_kernels.ops import vera_triton as vt
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    x = torch.randn(tokens, fin, device=dev, dtype=dt)
+    g = torch.randn(tokens, fout, device=dev, dtype=dt)
+    W = torch.randn(fout, fin, device=dev, dtype=dt) * fin**-0.5
+    A = torch.randn(r, fin, device=dev, dtype=dt) * fin**-0.5
+    B32 = torch.randn(fout, r, device=dev) * r**-0.5
+    ld = torch.randn(r, device=dev)
+    lb = torch.randn(fout, device=dev)
+    h = x @ A.t()
+    R = vt.scale_projection(B32, lb, ld, dt)
+    y = x @ W.t()
+    gx = g @ W
+    zeros = torch.zeros(r + fout, device=dev)
+    Nf, Nr = 2.0 * tokens * r, 2.0 * tokens * fin * fout
+    cases = [
+        ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, ld, dt), 0,
+         lambda: (B32 * lb[:, None] * ld[None, :]).to(dt)),
+        ("fwd down: h = x A^T", lambda: vt.vera_down(x, A.t()), Nf * fin, lambda: x @ A.t()),
+        ("fwd up: y += h R^T", lambda: vt.vera_up(h, R.t(), y, acc_in=y), Nf * fout, lambda: y.addmm_(h, R.t())),
+        ("fwd up+base (fused)", lambda: vt.vera_up(h, R.t(), y, xb=x, wb_kn=W.t()), Nf * fout + Nr,
+         lambda: torch.mm(x, W.t())),
+        ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h, partial=zeros[:r]), Nf * fout,
+         lambda: g @ R),
+        ("bwd lambda_b: g^T h", lambda: vt.vera_lambda_b_grad(g, h, B32, ld, partial=zeros[r:]), Nf * fout,
+         lambda: g.t() @ h),
+        ("bwd up: gx += grad_h A", lambda: vt.vera_up(h, A, gx, acc_in=gx), Nf * fin, lambda: gx.addmm_(h, A)),
+        ("bwd up+base (fused)", lambda: vt.vera_up(h, A, gx, xb=g, wb_kn=W), Nf * fin + Nr, lambda: torch.mm(g, W)),
+    ]
+    out = []
+    print(f"\nKernel breakdown, bf16, tokens={tokens}, {fin}->{fout}, r={r} (cuBLAS/torch doing the same math; "
+          "fused rows compare with the base GEMM alone)")
+    print(f"{'kernel':>28} {'triton ms':>10} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8}")
+    for name, fn, flops, ref in cases:
+        t_tr = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        t_ref = do_bench(ref, warmup=10, rep=50, return_mode="median")
+        tf = lambda t: flops / (t * 1e-3) / 1e12 if flops else 0.0
+        print(f"{name:>28} {t_tr:10.4f} {tf(t_tr):8.1f} {t_ref:9.4f} {tf(t_ref):8.1f}")
+        out.append(dict(kernel=name, triton_ms=t_tr, torch_ms=t_ref, flops=flops))
+    return out
 
 
 # ============================================================================================ main
@@ -428,7 +509,8 @@ def main():
 
     import torch
 
-    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
+    out_dir = os.environ.get("OUT") or (os.path.join(ROOT, "bench", "results", "raw") if not args.cpu_smoke
+                                        else os.path.join("/tmp", "vera_gpu_check_smoke"))
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -438,7 +520,8 @@ def main():
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dev_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     report["machine"] = dict(device=dev_name, torch=torch.__version__, triton=triton_version, commit=commit or None)
     print(f"gpu-check on {dev_name}; torch {torch.__version__}, triton {triton_version}, commit {commit}", flush=True)
@@ -500,6 +583,14 @@ def main():
         report["layer_bench_error"] = traceback.format_exc()[-3000:]
         print("layer bench failed:", exc)
         traceback.print_exc()
+    if torch.cuda.is_available() and not args.cpu_smoke:
+        for shape in ((8192, 4096, 11008, 256), (8192, 4096, 4096, 256)):
+            try:
+                report.setdefault("kernel_breakdown", []).append(kernel_breakdown(*shape))
+            except Exception as exc:
+                print("kernel breakdown failed:", exc)
+                traceback.print_exc()
+            torch.cuda.empty_cache()
     print(f"(phase B {time.time() - t0:.0f} s)", flush=True)
 
     # ---- phase C: model benchmark (the bench CLI), time-boxed

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ._dtypes import PARAM_DTYPE, float32_preserving
+from ._dtypes import COMPUTE_DTYPES, PARAM_DTYPE, float32_preserving
 from .backends import check_backend_name, resolve_backend
 from .ops import vera_add_delta, vera_linear
 from .projections import VeraProjections
@@ -148,9 +148,11 @@ class VeraLinear(nn.Module):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
-        vera_A = self.vera_projections.vera_A
-        vera_B = self.vera_projections.vera_B
         backend = resolve_backend(self.backend, x.device)
+        if backend == "reference" or x.dtype not in COMPUTE_DTYPES:
+            vera_A, vera_B = self.vera_projections.vera_A, self.vera_projections.vera_B
+        else:  # the fused backends compute in the activation dtype: cached casts of the float32 projections
+            vera_A, vera_B = self.vera_projections.for_compute(x.dtype)
         fused_base = self.base_kind in ("linear", "conv1d") and backend != "reference" and not args and not kwargs
         if fused_base:
             first, rest = active[0], active[1:]

@@ -47,6 +47,7 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_B", vera_B.to(PARAM_DTYPE), persistent=False)
         self.projection_prng_key = projection_prng_key
         self.save_projection = save_projection
+        self._cast_cache: dict = {}
 
     @classmethod
     def from_key(cls, r: int, in_max: int, out_max: int, key: int, save_projection: bool) -> "VeraProjections":
@@ -86,6 +87,21 @@ class VeraProjections(nn.Module):
                 f"r={r} differs from the rank {self.r} of the shared projections vera_A/vera_B{at}: all VeRA adapters "
                 "on one model share A and B, so they must use the same r."
             )
+
+    def for_compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in ``dtype``: the float32 masters themselves, or casts cached in eager mode and refreshed whenever
+        the masters change (version counter), move or are replaced. Saves two cast kernels per layer call."""
+        A, B = self.vera_A, self.vera_B
+        if dtype == A.dtype:
+            return A, B
+        if torch.compiler.is_compiling():
+            return A.to(dtype), B.to(dtype)
+        key = (A.device, A.data_ptr(), B.data_ptr(), A._version, B._version)
+        hit = self._cast_cache.get(dtype)
+        if hit is None or hit[0] != key:
+            hit = (key, A.to(dtype), B.to(dtype))
+            self._cast_cache[dtype] = hit
+        return hit[1], hit[2]
 
     def _apply(self, fn, recurse=True):
         return super()._apply(float32_preserving(fn), recurse)

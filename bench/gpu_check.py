@@ -360,7 +360,7 @@ def layer_bench(smoke: bool):
         gy = torch.randn(tokens, fout, device=dev, dtype=dtype)
         state = {"i": 0}
 
-        def make_step(mod, fuse):
+        def make_step(mod, fuse, xs=xs, gy=gy):
             def step():
                 if fuse is not None:
                     os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
@@ -399,6 +399,9 @@ def layer_bench(smoke: bool):
                 os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
             x = xs[0]
             params = [p for p in mod.parameters()] + [b for b in mod.buffers()]
+            for sub in mod.modules():  # the cached casts of the shared projections are model state, not activations
+                for hit in getattr(sub, "_cast_cache", {}).values():
+                    params += list(hit[1:])
             saved, y = saved_activation_bytes(lambda: mod(x), params + [x])
             del y
             peak = None
@@ -464,7 +467,7 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
     R = vt.scale_projection(B32, lb, ld, dt)
     y = x @ W.t()
     gx = g @ W
-    zeros = torch.zeros(r + fout, device=dev)
+    part = vt.vera_down(g, R, nscale=ld, h=h)[1]
     Nf, Nr = 2.0 * tokens * r, 2.0 * tokens * fin * fout
     cases = [
         ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, ld, dt), 0,
@@ -473,9 +476,8 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
         ("fwd up: y += h R^T", lambda: vt.vera_up(h, R.t(), y, acc_in=y), Nf * fout, lambda: y.addmm_(h, R.t())),
         ("fwd up+base (fused)", lambda: vt.vera_up(h, R.t(), y, xb=x, wb_kn=W.t()), Nf * fout + Nr,
          lambda: torch.mm(x, W.t())),
-        ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h, partial=zeros[:r]), Nf * fout,
-         lambda: g @ R),
-        ("bwd lambda_b: g^T h", lambda: vt.vera_lambda_b_grad(g, h, B32, ld, partial=zeros[r:]), Nf * fout,
+        ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h), Nf * fout, lambda: g @ R),
+        ("bwd lambdas: g^T h + finalize", lambda: vt.vera_lambda_grads(g, h, B32, ld, part), Nf * fout,
          lambda: g.t() @ h),
         ("bwd up: gx += grad_h A", lambda: vt.vera_up(h, A, gx, acc_in=gx), Nf * fin, lambda: gx.addmm_(h, A)),
         ("bwd up+base (fused)", lambda: vt.vera_up(h, A, gx, xb=g, wb_kn=W), Nf * fin + Nr, lambda: torch.mm(g, W)),

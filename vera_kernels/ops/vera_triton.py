@@ -15,8 +15,8 @@ Kernels:
                         forward: y += h R^T, R = diag(lambda_b) B_s diag(lambda_d) folded once per call by
                         _scale_projection_kernel, or the whole y = x W^T + b + h R^T (base fused);
                         backward: grad_x = g W (+) masked (grad_h A_s).
-    _vera_lambda_b_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k], split over tokens, never
-                        materialising (N, out).
+    _vera_lambda_grads_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one
+                        cuBLAS GEMM, and dlambda_d from the down kernel's per-tile partials; never (N x out).
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast; a float32
 A given to the op is cast once per call), lambdas are float32 and folded into one (out, r) operand per call; every
 dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in the main loops.
@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreter_on
 
 
 # ============================================================================================ reference
@@ -99,7 +98,7 @@ def _vera_down_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
     seed, p, drop_scale,
-    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_PARTIAL: tl.constexpr, ATOMIC_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -133,11 +132,7 @@ def _vera_down_kernel(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_PARTIAL:
         h = tl.load(H + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mn_mask, other=0.0)
-        part = tl.sum(acc * h.to(tl.float32), axis=0)
-        if ATOMIC_PARTIAL:
-            tl.atomic_add(PART + offs_n, part, mask=n_mask)
-        else:
-            tl.store(PART + pid_m * stride_pm + offs_n, part, mask=n_mask)
+        tl.store(PART + pid_m * stride_pm + offs_n, tl.sum(acc * h.to(tl.float32), axis=0), mask=n_mask)
     if HAS_NSCALE:
         ns = tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * ns[None, :]
@@ -214,43 +209,39 @@ def _vera_up_kernel(
 
 
 @triton.jit
-def _vera_lambda_b_kernel(
-    G, H, B, LD, PART,
-    M, N_OUT, R, ROWS_PER_SPLIT,
-    stride_gm, stride_go, stride_hm, stride_hr, stride_bo, stride_br, stride_pp,
-    SPLITS, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+def _vera_lambda_grads_kernel(
+    G, B, LD, PART, OUT,
+    N_OUT, R, N_TILES, N_O_PROGRAMS,
+    stride_go, stride_gr, stride_bo, stride_br, stride_pt,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """PART[pid_r * SPLITS + pid_s, o] = sum_{k in tile} B[o, k] LD[k] sum_{m in split} G[m, o] H[m, k]."""
-    pid_o = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_mm = tl.arange(0, BLOCK_M)
-    o_mask = offs_o < N_OUT
-    r_mask = offs_r < R
-    m_start = pid_s * ROWS_PER_SPLIT
-    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
-    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + offs_mm
-        rows = offs_m.to(tl.int64)
-        m_mask = offs_m < m_end
-        # g^T is read directly as (BLOCK_O, BLOCK_M): no transpose in registers
-        gt = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + rows[None, :] * stride_gm,
-                     mask=o_mask[:, None] & m_mask[None, :], other=0.0)
-        h = tl.load(H + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _mma(gt, h, acc, PRECISION)
-    b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + offs_r[None, :] * stride_br,
-                mask=o_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-    ld = tl.load(LD + offs_r, mask=r_mask, other=0.0).to(tl.float32)
-    part = tl.sum(acc * b * ld[None, :], axis=1)
-    if ATOMIC:
-        tl.atomic_add(PART + offs_o, part, mask=o_mask)
+    """OUT[R + o] = sum_k G[o, k] B[o, k] LD[k]   (dlambda_b; G = g^T h from one GEMM, never (N x out) elementwise)
+    OUT[k]     = sum_t PART[t, k]               (dlambda_d: the down kernel's per-tile partials, fixed order).
+    Both reductions run in a fixed order: the backward is deterministic at no cost."""
+    pid = tl.program_id(0)
+    offs_r0 = tl.arange(0, BLOCK_R)
+    if pid < N_O_PROGRAMS:
+        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = offs_o < N_OUT
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + offs_r0
+            mask = o_mask[:, None] & (offs_r < R)[None, :]
+            g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + offs_r[None, :] * stride_gr, mask=mask, other=0.0)
+            b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + offs_r[None, :] * stride_br, mask=mask, other=0.0)
+            ld = tl.load(LD + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
+            acc += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
+        tl.store(OUT + R + offs_o, acc, mask=o_mask)
     else:
-        tl.store(PART + (pid_r * SPLITS + pid_s) * stride_pp + offs_o, part, mask=o_mask)
+        offs_r = (pid - N_O_PROGRAMS) * BLOCK_R + offs_r0
+        r_mask = offs_r < R
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for t0 in range(0, N_TILES, BLOCK_T):
+            t = t0 + offs_t
+            acc += tl.sum(tl.load(PART + t[:, None] * stride_pt + offs_r[None, :],
+                                  mask=(t < N_TILES)[:, None] & r_mask[None, :], other=0.0), axis=0)
+        tl.store(OUT + offs_r, acc, mask=r_mask)
 
 
 # ============================================================================================ launchers
@@ -272,17 +263,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _pow2_at_least(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 
@@ -296,13 +276,9 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     """Block sizes, warps and stages per kernel and shape (a heuristic measured on an H100; see bench/results/).
     The interpreter gets small tiles and no scheduling hints (odd test shapes still span several tiles)."""
     if device.type != "cuda":
-        if kind == "lambda_b":
-            return dict(BLOCK_O=32, BLOCK_R=32, BLOCK_M=32)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
     wide = dtype != torch.float32  # tensor-core dtypes take bigger tiles than ieee fp32 FMA
     if not wide:
-        if kind == "lambda_b":
-            return dict(BLOCK_O=64, BLOCK_R=min(64, _pow2_at_least(N)), BLOCK_M=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64 if kind != "down" else min(64, _pow2_at_least(N)), BLOCK_K=32,
                     num_warps=4, num_stages=2)
     if kind == "down":  # (M x r), K = in (forward) or out (backward): long K, narrow N
@@ -316,41 +292,32 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     if kind == "up_base":  # a full GEMM (K = in or out) plus the rank-r update
         bm = 128 if M >= 1024 else 64
         return dict(BLOCK_M=bm, BLOCK_N=256 if bm >= 128 else 128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if kind == "lambda_b":  # (out x r), K = tokens, split over tokens
-        return dict(BLOCK_O=128, BLOCK_R=min(128, _pow2_at_least(N)), BLOCK_M=64, num_warps=8, num_stages=3)
     raise ValueError(kind)
 
 
-def vera_down(x, w_kn, *, nscale=None, h=None, partial=None, seed=0, p=0.0):
-    """C (M, N) = drop(x) W, W given as a (K, N) view; returns C diag(nscale). With ``h``: adds sum_m C * h into
-    ``partial`` ((N,) float32, zeroed, float32 atomics) or returns per-tile partials summed in a fixed order
-    (``partial=None``, deterministic)."""
+def vera_down(x, w_kn, *, nscale=None, h=None, seed=0, p=0.0):
+    """(C diag(nscale), partials): C (M, N) = drop(x) W with W given as a (K, N) view; with ``h``, also the per-tile
+    partials (num_m_tiles, N) of sum_m C * h (float32), else None."""
     M, K = x.shape
     N = w_kn.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return out, partial
     cfg = _config("down", M, N, K, x.dtype, x.device)
     n_mtiles = _cdiv(M, cfg["BLOCK_M"])
-    part = partial
-    if h is not None and partial is None:
-        part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32)
-    grid = (n_mtiles, _cdiv(N, cfg["BLOCK_N"]))
-    _vera_down_kernel[grid](
+    part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32) if h is not None else None
+    if M == 0:
+        return out, part
+    _vera_down_kernel[(n_mtiles, _cdiv(N, cfg["BLOCK_N"]))](
         x, w_kn, out, nscale if nscale is not None else out, h if h is not None else out,
         part if part is not None else out,
         M, N, K,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),
         h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
-        part.stride(0) if (h is not None and partial is None) else 0,
+        part.stride(0) if part is not None else 0,
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_PARTIAL=h is not None,
-        ATOMIC_PARTIAL=partial is not None,
         ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
         **cfg,
     )
-    if h is not None and partial is None:
-        part = part.sum(0)
     return out, part
 
 
@@ -379,30 +346,21 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
     return out
 
 
-def vera_lambda_b_grad(g, h, B_s, lambda_d, *, partial=None):
-    """dlambda_b (out,) float32 = rowsum(B_s * lambda_d * (g^T h)), split over tokens for parallelism; into
-    ``partial`` with float32 atomics, or deterministic per-split partials summed in a fixed order."""
-    M, n_out = g.shape
-    R = h.shape[1]
-    if M == 0:
-        return partial if partial is not None else torch.zeros((n_out,), device=g.device, dtype=torch.float32)
-    cfg = _config("lambda_b", M, R, n_out, g.dtype, g.device)
-    n_otiles = _cdiv(n_out, cfg["BLOCK_O"])
-    n_rtiles = _cdiv(R, cfg["BLOCK_R"])
-    want = max(1, (2 * _num_sms(g.device)) // (n_otiles * n_rtiles))
-    rows_per_split = max(cfg["BLOCK_M"], _cdiv(_cdiv(M, want), cfg["BLOCK_M"]) * cfg["BLOCK_M"])
-    splits = _cdiv(M, rows_per_split)
-    part = partial if partial is not None else torch.empty((n_rtiles * splits, n_out), device=g.device,
-                                                           dtype=torch.float32)
-    _vera_lambda_b_kernel[(n_otiles, n_rtiles, splits)](
-        g, h, B_s, lambda_d, part,
-        M, n_out, R, rows_per_split,
-        g.stride(0), g.stride(1), h.stride(0), h.stride(1), B_s.stride(0), B_s.stride(1),
-        part.stride(0) if partial is None else 0,
-        splits, ATOMIC=partial is not None, PRECISION=_precision(g.dtype),
-        **cfg,
+def vera_lambda_grads(g, h, B_s, lambda_d, partial_ld):
+    """cat(dlambda_d, dlambda_b), float32: dlambda_b = rowsum(B_s * lambda_d * (g^T h)) with g^T h (out, r) from one
+    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's partials. One finalize launch."""
+    n_out, R = B_s.shape
+    G = g.t() @ h  # (out, r): the rank-r GEMM over tokens (cuBLAS beat a Triton split-K kernel 2.3x on an H100)
+    out = torch.empty((R + n_out,), device=g.device, dtype=torch.float32)
+    block_o, block_r = 64, min(128, _pow2_at_least(R))
+    n_o = _cdiv(n_out, block_o)
+    _vera_lambda_grads_kernel[(n_o + _cdiv(R, block_r),)](
+        G, B_s, lambda_d, partial_ld, out,
+        n_out, R, partial_ld.shape[0], n_o,
+        G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1), partial_ld.stride(0),
+        BLOCK_O=block_o, BLOCK_R=block_r, BLOCK_T=16,
     )
-    return part if partial is not None else part.sum(0)
+    return out
 
 
 def scale_projection(B_s, lambda_b, lambda_d, dtype):
@@ -445,16 +403,17 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch
 
 # ============================================================================================ fused-base policy
 def use_fused_base(M: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the base GEMM runs inside the up kernel (one pass over y) or stays cuBLAS (+ in-place update).
+    """Whether the base GEMM runs inside the up kernel (one pass over y) or stays cuBLAS (+ the in-place rank-r update).
 
-    ``VERA_KERNELS_FUSE_BASE=0/1`` forces it. By default: fused on CUDA in fp16/bf16 from 2048 tokens (the (N x out)
-    read-modify-write the unfused path pays is then a large share of the layer), cuBLAS otherwise (fp32 stays on
-    cuBLAS's IEEE GEMM; small batches are launch-bound where cuBLAS's tuned kernels win).
+    Measured on an H100 (bench/results/, bf16, fwd+bwd GPU time): the fused Triton GEMM reaches ~590-700 TFLOP/s
+    against cuBLAS's ~760-785, which costs more than the (N x out) read-modify-write it saves, at 512 and 8192 tokens,
+    out = 4096 and 11008. So cuBLAS is the default everywhere; ``VERA_KERNELS_FUSE_BASE=1`` selects the fused kernel
+    (kept, tested, and re-measured by ``make gpu-check``).
     """
     env = os.environ.get("VERA_KERNELS_FUSE_BASE")
     if env in ("0", "1"):
         return env == "1"
-    return device.type == "cuda" and dtype != torch.float32 and M >= 2048
+    return False
 
 
 # ============================================================================================ custom ops
@@ -512,27 +471,17 @@ def _bwd_impl(
     need_x: bool,
     need_lambdas: bool,
     fuse_base: bool,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_lambdas): grad_x in g's dtype, including the base's g W when ``weight`` is given; grad_lambdas
-    = cat(dlambda_d, dlambda_b) in float32 (one buffer: one zero-fill for the atomics). Empty when not asked for."""
+    = cat(dlambda_d, dlambda_b) in float32. Empty when not asked for."""
     cd = g.dtype
-    r, n_out = vera_A_s.shape[0], vera_B_s.shape[0]
     Bl = scale_projection(vera_B_s, lambda_b, None, cd)  # diag(lambda_b) B_s, (out, r)
-    grad_lambdas = g.new_empty((0,), dtype=torch.float32)
-    partial_ld = partial_lb = None
+    # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
+    grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
-        alloc = torch.empty if deterministic else torch.zeros
-        grad_lambdas = alloc((r + n_out,), device=g.device, dtype=torch.float32)
-        if not deterministic:
-            partial_ld, partial_lb = grad_lambdas[:r], grad_lambdas[r:]
-    # gB = g diag(lambda_b) B_s; dlambda_d = sum_m gB * h; grad_h = gB diag(lambda_d)
-    grad_h, grad_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None, partial=partial_ld)
-    if need_lambdas:
-        grad_lb = vera_lambda_b_grad(g, h, vera_B_s, lambda_d, partial=partial_lb)
-        if deterministic:
-            grad_lambdas[:r] = grad_ld if grad_ld is not None else 0.0
-            grad_lambdas[r:] = grad_lb
+        grad_lambdas = vera_lambda_grads(g, h, vera_B_s, lambda_d, part_ld)
+    else:
+        grad_lambdas = g.new_empty((0,), dtype=torch.float32)
     if not need_x:
         return g.new_empty((0,)), grad_lambdas
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
@@ -561,7 +510,7 @@ def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, d
 
 @triton_vera_bwd.register_fake
 def _(g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, need_x, need_lambdas,
-      fuse_base, deterministic):
+      fuse_base):
     grad_x = g.new_empty((g.shape[0], vera_A_s.shape[1])) if need_x else g.new_empty((0,))
     n = vera_A_s.shape[0] + vera_B_s.shape[0] if need_lambdas else 0
     return grad_x, g.new_empty((n,), dtype=torch.float32)
@@ -580,8 +529,9 @@ class VeraLinearTritonFunction(torch.autograd.Function):
         dlambda_b[o] = sum_k B_s[o, k] lambda_d[k] (g^T h)[o, k]     (no (N x out) tensor)
         dx = s m * (grad_h A_s) + g W_eff;   dW = g^T x (x^T g for Conv1D);   db = sum_n g
     Saved for backward: h (N x r, x's dtype) and the dropout seed (plus x only when the base weight needs grad).
-    Reductions over tokens are deterministic (per-tile partials summed in a fixed order) when
-    ``torch.use_deterministic_algorithms(True)`` is on, float32 atomics otherwise.
+    Reductions over tokens are always deterministic: per-tile partials and one GEMM, summed in a fixed order by one
+    finalize kernel. A float32-atomics variant would need a zero-fill launch in place of that finalize launch, so
+    there is one path, deterministic whatever ``torch.use_deterministic_algorithms`` says.
     """
 
     @staticmethod
@@ -602,7 +552,7 @@ class VeraLinearTritonFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
         grad_x, grad_lambdas = _call(
             triton_vera_bwd, _bwd_impl, g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, ctx.dropout_p,
-            ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.fuse_base, torch.are_deterministic_algorithms_enabled(),
+            ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.fuse_base,
         )
         r = lambda_d.shape[0]
         grad_w = grad_b = None

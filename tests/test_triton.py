@@ -1,0 +1,290 @@
+"""The "triton" backend against a float64 evaluation of the formula (CPU: Triton's interpreter; tiny shapes).
+
+Judged per dtype against PyTorch's own error in that dtype (the same formula in plain torch ops vs float64).
+bf16 is verified on a GPU only (`make gpu-check`): the interpreter's bf16 tl.dot is broken.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import vera_kernels as vk
+from vera_kernels.backends import resolve_backend
+from vera_kernels.ops import vera_linear
+
+vt = pytest.importorskip("vera_kernels.ops.vera_triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+FACTOR = 4.0
+
+# (N, in, out, r, in_max, out_max): odd sizes, none a multiple of the interpreter's 32-wide tiles
+SHAPES = [
+    (37, 45, 29, 19, 50, 33),  # slices of larger shared projections
+    (70, 33, 65, 8, 33, 65),  # exact sizes, r below one tile
+    (5, 64, 40, 40, 100, 41),
+]
+
+
+def _inputs(N, fin, fout, r, in_max, out_max, dtype, fifo=False, bias=True, strided=False, lead=(), wgrad=False,
+            seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+
+    if strided:
+        x = rnd(*lead, N, 2 * fin).to(dtype)[..., ::2]
+    else:
+        x = rnd(*lead, N, fin).to(dtype)
+    x.requires_grad_(True)
+    W = (rnd(fin, fout) if fifo else rnd(fout, fin)).mul(fin**-0.5).to(dtype).requires_grad_(wgrad)
+    b = rnd(fout).to(dtype).requires_grad_(wgrad) if bias else None
+    A = rnd(r, in_max, scale=(6 / in_max) ** 0.5)
+    B = rnd(out_max, r, scale=(6 / r) ** 0.5)
+    ld = rnd(r).requires_grad_(True)
+    lb = rnd(fout).requires_grad_(True)
+    return x, W, b, A, B, ld, lb
+
+
+def _formula(x, W, b, A_s, B_s, ld, lb, keep, p, fifo, dtype):
+    x, W, A_s, B_s = x.to(dtype), W.to(dtype), A_s.to(dtype), B_s.to(dtype)
+    xd = x if keep is None else x * keep.to(dtype) / (1 - p)
+    base = x @ (W if fifo else W.t()) + (b.to(dtype) if b is not None else 0)
+    return base + ((xd @ A_s.t()) * ld.to(dtype)) @ (lb.to(dtype)[:, None] * B_s).t()
+
+
+def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, fuse=False, wgrad=False):
+    """Run the triton op, then judge output and gradients against float64 and against torch's own dtype error."""
+    dtype = x.dtype
+    fin = x.shape[-1]
+    fout = lb.shape[0]
+    torch.manual_seed(1234)
+    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
+    try:
+        y = vera_linear(x, W, b, A, B, ld, lb, dropout_p=p, training=True, fan_in_fan_out=fifo, backend="triton")
+    finally:
+        os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    keep = None
+    if p > 0:
+        torch.manual_seed(1234)
+        seed = int(vk.ops.draw_dropout_seed())
+        keep = vt.dropout_keep_mask(seed, (x.reshape(-1, fin).shape[0], fin), p, x.device).reshape(x.shape)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    inputs = [x, ld, lb] + ([W] + ([b] if b is not None else []) if wgrad else [])
+    grads = torch.autograd.grad(y, inputs, gy) if y.numel() else [torch.zeros_like(t) for t in inputs]
+
+    def yardstick(dt):
+        ins = [t.detach().to(torch.float64 if dt == torch.float64 else t.dtype).requires_grad_(True) for t in inputs]
+        WW = ins[3] if wgrad else W.detach()
+        bb = (ins[4] if b is not None else None) if wgrad else (b.detach() if b is not None else None)
+        yy = _formula(ins[0], WW, bb, A[:, :fin], B[:fout], ins[1], ins[2], keep, p, fifo, dt)
+        gg = torch.autograd.grad(yy, ins, gy.to(yy.dtype)) if yy.numel() else [torch.zeros_like(t) for t in ins]
+        return [yy] + list(gg)
+
+    truth = yardstick(torch.float64)
+    theirs = yardstick(dtype)
+    for i, (ours, th, tr) in enumerate(zip([y] + list(grads), theirs, truth)):
+        assert torch.isfinite(ours).all(), f"tensor {i} has non-finite values"
+        denom = tr.norm().item() or 1.0
+        err = (ours.double() - tr).norm().item() / denom
+        base = (th.double() - tr).norm().item() / denom
+        assert err <= max(FACTOR * base, FLOOR[dtype]), f"tensor {i}: error {err:.3e} vs torch's {base:.3e}"
+    return y, keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
+def test_matches_float64(dtype, shape, fuse):
+    _check(*_inputs(*shape, dtype), fuse=fuse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(fifo=True), dict(bias=False), dict(strided=True), dict(strided=True, lead=(2,)), dict(lead=(2, 3)),
+        dict(wgrad=True), dict(fifo=True, wgrad=True, bias=False),
+    ],
+    ids=["conv1d", "no-bias", "strided-2d", "strided-3d", "4d", "weight-grad", "conv1d-weight-grad"],
+)
+def test_layouts(dtype, variant):
+    kw = dict(variant)
+    fifo, wgrad = kw.get("fifo", False), kw.get("wgrad", False)
+    args = _inputs(37, 45, 29, 19, 50, 33, dtype, **kw)
+    if kw.get("strided"):
+        assert not args[0].is_contiguous()
+    _check(*args, fifo=fifo, wgrad=wgrad)
+    _check(*args, fifo=fifo, wgrad=wgrad, fuse=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
+def test_dropout_mask_is_regenerated(dtype, fuse):
+    """Forward and every gradient agree with the formula evaluated with the mask regenerated from the seed."""
+    args = _inputs(70, 45, 29, 8, 50, 33, dtype)
+    y, keep = _check(*args, p=0.3, fuse=fuse)
+    frac = keep.float().mean().item()
+    assert 0.55 < frac < 0.85, frac  # Bernoulli(0.7) over 3150 elements
+
+
+def test_dropout_same_seed_same_result_and_fresh_masks():
+    x, W, b, A, B, ld, lb = _inputs(40, 45, 29, 8, 50, 33, torch.float32)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(vera_linear(x, W, b, A, B, ld, lb, dropout_p=0.5, training=True, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+    y_eval = vera_linear(x, W, b, A, B, ld, lb, dropout_p=0.5, training=False, backend="triton")
+    y_ref = vera_linear(x, W, b, A, B, ld, lb, backend="reference")
+    torch.testing.assert_close(y_eval, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_independent_of_tiling():
+    """The counter is (row, col) based: two launches with different tile shapes give the same mask bits."""
+    seed = 123456789
+    m1 = vt.dropout_keep_mask(seed, (100, 77), 0.4, DEVICE)
+    m2 = vt.dropout_keep_mask(seed, (100, 77), 0.4, DEVICE)
+    assert torch.equal(m1, m2)
+    m3 = vt.dropout_keep_mask(seed + 1, (100, 77), 0.4, DEVICE)
+    assert not torch.equal(m1, m3)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
+def test_zero_tokens(fuse):
+    x, W, b, A, B, ld, lb = _inputs(0, 45, 29, 8, 50, 33, torch.float32)
+    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
+    try:
+        y = vera_linear(x, W, b, A, B, ld, lb, backend="triton")
+    finally:
+        os.environ.pop("VERA_KERNELS_FUSE_BASE")
+    assert y.shape == (0, 29)
+    gx, gld, glb = torch.autograd.grad(y.sum(), [x, ld, lb])
+    assert gx.shape == x.shape and torch.equal(gld, torch.zeros_like(gld)) and torch.equal(glb, torch.zeros_like(glb))
+
+
+def test_backward_is_deterministic():
+    x, W, b, A, B, ld, lb = _inputs(130, 45, 29, 19, 50, 33, torch.float32)
+    runs = []
+    for _ in range(2):
+        y = vera_linear(x, W, b, A, B, ld, lb, backend="triton")
+        runs.append(torch.autograd.grad(y.square().sum(), [x, ld, lb]))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+def test_only_h_is_saved():
+    """The graph keeps h (N x r, x's dtype) and nothing token-sized besides (input and parameters excluded)."""
+    x, W, b, A, B, ld, lb = _inputs(64, 45, 29, 19, 50, 33, torch.float16)
+    seen, total = set(), [0]
+    excl = {t.untyped_storage().data_ptr() for t in (x, W, b, A, B, ld, lb)}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in excl:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    A16, B16 = A.to(torch.float16), B.to(torch.float16)  # the layer passes cached casts; count only activations
+    excl |= {A16.untyped_storage().data_ptr(), B16.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vera_linear(x, W, b, A16, B16, ld, lb, backend="triton")
+    assert total[0] == 64 * 19 * 2
+
+
+def test_fused_and_cublas_base_agree():
+    args = _inputs(70, 33, 65, 8, 33, 65, torch.float32)
+    ys = []
+    for fuse in ("0", "1"):
+        os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+        try:
+            ys.append(vera_linear(*args, backend="triton"))
+        finally:
+            os.environ.pop("VERA_KERNELS_FUSE_BASE")
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+
+
+def test_backend_resolution(monkeypatch):
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"  # triton imports here
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "reference")
+    assert resolve_backend("auto", torch.device("cuda")) == "reference"
+    monkeypatch.setenv("VERA_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="VERA_KERNELS_BACKEND"):
+        resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.delenv("VERA_KERNELS_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) implementations and dispatch of the registered ops agree with the real ones."""
+    x, W, b, A, B, ld, lb = _inputs(37, 45, 29, 19, 50, 33, torch.float32)
+    A_s, B_s = A[:, :45], B[:29]
+    x, ld, lb = x.detach(), ld.detach(), lb.detach()
+    fwd_args = (x, W.detach(), b.detach(), None, A_s, B_s, ld, lb, None, 0.0, False, False)
+    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    y, h = torch.ops.vera_kernels.triton_vera_fwd(*fwd_args)
+    g = torch.randn_like(y)
+    bwd_args = (g, W.detach(), h, A_s, B_s, ld, lb, None, 0.0, False, True, True, False)
+    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(40, 72)
+        self.down = nn.Linear(72, 40)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + x
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_layer(compile_backend):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    m = _Block().to(DEVICE)
+    vk.patch_model(m, vk.VeraConfig(r=16, target_modules=["up", "down"], init_weights=False), backend="triton")
+    x = torch.randn(3, 11, 40, device=DEVICE, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+    y_eager = m(x)
+    g_eager = torch.autograd.grad(y_eager.square().mean(), [x] + params)
+    cm = torch.compile(m, fullgraph=True, backend=compile_backend)  # fullgraph: any graph break raises
+    y_c = cm(x)
+    g_c = torch.autograd.grad(y_c.square().mean(), [x] + params)
+    torch.testing.assert_close(y_c, y_eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_c, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_patched_llama():
+    """A patched transformers model (tiny Llama) compiles with fullgraph=True and matches eager."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).to(DEVICE).eval()
+    vk.patch_model(model, vk.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+                   backend="triton")
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    ref = model(input_ids=ids).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.float().square().mean().backward()
+    lam = [p for n, p in model.named_parameters() if "vera_lambda" in n]
+    assert lam and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lam)

@@ -22,6 +22,8 @@ from .layer import ModulesToSave
 from .model import (
     PatchPlan,
     _apply_plan,
+    _current_backend,
+    get_state,
     _in_wrapper_internals,
     _require_adapter,
     _require_state,
@@ -144,11 +146,14 @@ def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
     adapter_name: str = "default",
-    backend: str = "auto",
+    backend: Optional[str] = None,
 ) -> nn.Module:
     """Load a PEFT VeRA checkpoint (ours or PEFT's). Patches the model if it is not patched yet (the adapter is then
     active and trainable); otherwise adds the adapter next to the others (not active, as PEFT's load_adapter).
+    ``backend`` defaults to the model's current backend ("auto" for an unpatched model).
     Everything is checked against the model before the model changes."""
+    if backend is None:
+        backend = _current_backend(model) if get_state(model) is not None else "auto"
     check_backend_name(backend)
     cfg_dict, tensors = read_adapter(directory)
     save_projection = bool(cfg_dict.get("save_projection", True))
@@ -167,6 +172,17 @@ def load_adapter(
             "dictionary! They are rebuilt from projection_prng_key, as PEFT does."
         )
     plan = plan_patch(model, cfg_dict, adapter_name, projections_override=override)
+    if not plan.new_projections and not save_projection:
+        in_max = max(t.in_features for t in plan.targets)
+        out_max = max(t.out_features for t in plan.targets)
+        shared = plan.projections
+        if (in_max, out_max) != (shared.in_max, shared.out_max):
+            warnings.warn(
+                f"the adapter in {directory!s} was saved without its projections (save_projection=False); its own "
+                f"targets would draw A/B of shapes ({plan.config.r}, {in_max}) / ({out_max}, {plan.config.r}), but "
+                f"this model shares ({shared.r}, {shared.in_max}) / ({shared.out_max}, {shared.r}). If it was trained "
+                "alone, it ran on different random projections than the ones it will use here."
+            )
     expected = _expected_tensors(model, plan)
     given = {k: v for k, v in tensors.items() if k not in (KEY_A, KEY_B)}
     missing = sorted(set(expected) - set(given))

@@ -138,6 +138,11 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"vera_kernels: the input's last dimension is {x.shape[-1]} but this layer expects "
+                f"in_features={self.in_features} (input shape {tuple(x.shape)})"
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

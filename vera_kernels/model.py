@@ -29,8 +29,8 @@ class VeraState:
     configs: dict[str, VeraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     projections: Optional[VeraProjections] = None
-    # requires_grad of every parameter before the first patch, restored by unpatch_model
-    original_requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    # requires_grad of every parameter (by name) before the first patch, restored by unpatch_model
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,11 +191,15 @@ def _apply_plan(model: nn.Module, plan: PatchPlan, backend: str) -> None:
     state = get_state(model)
     first = state is None or not state.configs
     if state is None:
-        state = VeraState(original_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+        state = VeraState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         setattr(model, STATE_ATTR, state)
     snapshot = None if first else [(p, p.requires_grad) for p in model.parameters()]
     if plan.new_projections:
+        # no adapter uses the old projections any more (first patch, or every adapter deleted): all layers,
+        # including adapter-less ones left by delete_adapter, switch to the new pair
         state.projections = plan.projections
+        for _, layer in vera_layers(model):
+            layer.vera_projections = plan.projections
 
     cfg, name = plan.config, plan.adapter_name
     for t in plan.targets:
@@ -278,6 +282,13 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
         _require_adapter(state, n)
+    merged = [layer for _, layer in vera_layers(model) if layer.merged]
+    if merged:  # PEFT's behaviour: a merged model is unmerged before the active adapter changes
+        warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+        for layer in merged:
+            layer._check_mergeable()
+        for layer in merged:
+            layer.unmerge()
     state.active = names
     for _, m in list(vera_layers(model)) + list(_wrappers(model)):
         m.set_active(names)
@@ -378,10 +389,9 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
         _set_submodule(model, path, layer.base_layer)
     for path, wrapper in list(_wrappers(model)):
         _set_submodule(model, path, wrapper.current())
-    current = {id(p) for p in model.parameters()}
-    for p, flag in state.original_requires_grad:
-        if id(p) in current:
-            p.requires_grad_(flag)
+    for name, p in model.named_parameters():  # module paths are the original ones again
+        if name in state.original_requires_grad:
+            p.requires_grad_(state.original_requires_grad[name])
     delattr(model, STATE_ATTR)
     return model
 

@@ -442,6 +442,7 @@ def _fwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward."""
     cd = x.dtype
+    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     h, _ = vera_down(x, vera_A_s.to(cd).t(), seed=seed_i, p=dropout_p)
     R_kn = scale_projection(vera_B_s, lambda_b, lambda_d, cd).t()  # (r, out)
@@ -476,6 +477,7 @@ def _bwd_impl(
     """(grad_x, grad_lambdas): grad_x in g's dtype, including the base's g W when ``weight`` is given; grad_lambdas
     = cat(dlambda_d, dlambda_b) in float32. Empty when not asked for."""
     cd = g.dtype
+    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     Bl = scale_projection(vera_B_s, lambda_b, None, cd)  # diag(lambda_b) B_s, (out, r)
     # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
     grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)

@@ -1,0 +1,76 @@
+"""``python -m vera_kernels.bench``: throughput and memory of vera_kernels against PEFT's VeRA and the reference path.
+
+Run with no arguments on whatever machine it finds (under 3 minutes on a 2-core CPU). It measures, for every
+implementation that can run here, alternated in one process:
+
+- layer-level cases: bias-free linear layers living in ONE module (so VeRA's shared A/B are sized as PEFT would size
+  them for those layers), each timed on its own: forward, backward (x requires grad, weight frozen) and a full step
+  (+ AdamW on the layer's lambdas). CPU default: 2048x2048 and 2048x5632, 1024 tokens, r=256, fp32 and bf16
+  (issue 2's goals). GPU default: 4096x4096 and 4096x11008, bf16, 8192 tokens at r=256, plus r=64, r=1024 and 512
+  tokens (issue 3's goals);
+- a Llama-shaped model (transformers LlamaConfig, random weights, nothing downloaded; ``--model`` tiny on CPU,
+  llama-1b / llama-7b-layers on GPU) with every linear layer targeted: training-step time and tokens/s;
+- a short training run (fp32, fixed synthetic data, same seed): our loss curve against PEFT's, step for step.
+
+Implementations: "base" (the frozen model: the floor), "peft" (PEFT's VeRA), "peft-lora" (PEFT's LoRA r=16, model
+case only), and our backends "reference", "torch", "triton" (triton only on CUDA unless named in ``--backends``).
+One that cannot run is reported as "n/a (reason)".
+
+Measurement: warm-up, then timed rounds in which implementations alternate (A B C, B C A, ...) and inputs rotate
+among 3 tensors; medians with quartiles. CPU: ``time.perf_counter`` (``--threads``, default 2). GPU: CUDA events,
+with a 256 MiB L2 flush before each iteration. Saved bytes: a ``saved_tensors_hooks`` pack hook counts each saved
+storage once (by data_ptr), excluding parameters, buffers and inputs. Peak: on GPU ``max_memory_allocated`` growth
+over one step; on CPU peak RSS growth over one step (heap trimmed, then /proc/self/clear_refs resets VmHWM).
+
+Python entry points::
+
+    from vera_kernels.bench import run, format_table, validate_results
+    results = run(["--device", "cuda", "--model", "llama-1b", "--quick"])   # prints the table, returns the dict
+    print(format_table(results))
+
+Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")::
+
+    {
+      "schema": "vera_kernels.bench/1",
+      "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
+                  "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
+                  "timing": str, "versions": {"torch", "triton", "transformers", "peft", "vera_kernels": str|null}},
+      "config": {"argv": [str], "device": str, "dtypes": [str], "model_dtype": str, "r": [int], "tokens": [int],
+                 "shapes": ["INxOUT"], "model": str, "model_description": str, "backends": [str], "cases": [str],
+                 "quick": bool, "seed": int, "threads": int, "repeats": {"layer": int, "model": int},
+                 "warmup": {"layer": int, "model": int}, "time_cap_s": float, "train_steps": int,
+                 "unavailable": {impl: reason}},
+      "results": [{
+          "case": "layer 2048x5632" | "model tiny" | "train train-tiny", "kind": "layer"|"model"|"train",
+          "impl": "base"|"peft"|"peft-lora"|"reference"|"torch"|"triton", "dtype": "fp32"|"bf16"|"fp16",
+          "tokens": int (per call / step), "r": int|null (the case's VeRA rank), "shape": str,
+          "adapter": {"type": "vera"|"lora"|null, "r": int|null},
+          "available": bool, "reason": str|null (why n/a),
+          "fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms": float|null (medians; train rows: step_ms only),
+          "tokens_per_s": float|null (= tokens / step_ms),
+          "saved_bytes": int|null, "peak_bytes": int|null, "peak_kind": "rss_delta"|"cuda_alloc_delta",
+          "timing": str, "repeats": int (timed rounds),
+          "spread": {metric: {"q1", "q3", "min", "max"}},
+          "ratio_vs_peft": {metric: float}, "ratio_vs_base": {metric: float},
+          "ratio_vs_peft_lora": {metric: float}  (model rows only)
+        }, ...],
+      "training": null | {"model", "dtype", "steps", "lr", "optimizer", "tokens_per_step", "seed", "r",
+                          "n_batches", "data", "timed_from_step", "impls": [str], "loss": {impl: [float]},
+                          "abs_diff_vs_peft": {impl: [float]}, "max_abs_diff_vs_peft": {impl: float},
+                          "max_rel_diff_vs_peft": {impl: float}, "step_ms": {impl: float}},
+      "training_skipped": str|null,
+      "checks": [{"issue", "case", "kind", "impl", "dtype", "tokens", "r", "what", "metric", "value", "op",
+                  "threshold", "goal", "ok": bool|null, "reason", "note"}],
+      "wall_s": float
+    }
+
+Every ratio is ``this row's metric / that implementation's metric`` in the same case (same kind, case, dtype,
+tokens, r), both measured in this run: below 1 means less time / fewer bytes (for tokens_per_s, above 1 = faster).
+A ratio is absent when either number is missing or the denominator is 0 (a frozen layer saves nothing).
+"""
+
+from .cli import BenchUsageError, build_parser, main, run
+from .report import format_table
+from .schema import validate_results
+
+__all__ = ["run", "main", "format_table", "validate_results", "build_parser", "BenchUsageError"]

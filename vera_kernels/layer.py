@@ -107,34 +107,54 @@ class VeraLinear(nn.Module):
         delta = (lambda_b.unsqueeze(-1) * B_s) @ (lambda_d.unsqueeze(-1) * A_s)
         return delta.t() if self.fan_in_fan_out else delta
 
+    @property
+    def quantized(self) -> bool:
+        return self.base_kind in ("bnb4bit", "bnb8bit")
+
     def _check_mergeable(self) -> None:
-        if self.base_kind not in ("linear", "conv1d"):
-            raise NotImplementedError(
-                f"merging into a {type(self.base_layer).__name__} base layer is not supported yet"
-            )
+        """Raise (before anything changes) when the base weight cannot take a merge."""
+        if self.quantized:
+            from .quant.merge import check_mergeable
+
+            check_mergeable(self.base_layer)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense tensor in the layer's (Linear or Conv1D) layout; dequantized for bnb bases."""
+        if self.quantized:
+            from .quant.dequant import dequantize_weight
+
+            return dequantize_weight(self.base_layer, torch.float32)
+        return self.base_layer.weight.detach()
 
     def merged_weight(self, adapter: str) -> torch.Tensor:
-        """What the base weight would become after merging ``adapter`` (a new tensor; nothing changes)."""
+        """What the (dense) base weight would become after merging ``adapter`` (a new tensor; nothing changes)."""
+        weight = self.dense_base_weight()
+        merged = weight.float() + self.get_delta_weight(adapter).to(weight.device)
+        return merged if self.quantized else merged.to(weight.dtype)
+
+    def _add_delta(self, name: str, sign: float) -> None:
+        delta = self.get_delta_weight(name)
+        if self.quantized:  # dequantize, add, requantize with bitsandbytes' own quantizer and the layer's settings
+            from .quant.merge import add_to_quantized_weight_
+
+            add_to_quantized_weight_(self.base_layer, delta, alpha=sign)
+            return
         weight = self.base_layer.weight
-        return (weight.detach().float() + self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype)
+        with torch.no_grad():
+            weight.add_(delta.to(weight.device), alpha=sign)
 
     def merge(self, adapter_names: Iterable[str]) -> None:
         self._check_mergeable()
-        weight = self.base_layer.weight
         for name in adapter_names:
             if name in self.merged_adapters or name not in self.vera_lambda_d:
                 continue
-            with torch.no_grad():
-                weight.add_(self.get_delta_weight(name).to(weight.device))
+            self._add_delta(name, 1.0)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         self._check_mergeable()
-        weight = self.base_layer.weight
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight.sub_(self.get_delta_weight(name).to(weight.device))
+            self._add_delta(self.merged_adapters.pop(), -1.0)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -167,6 +187,10 @@ class VeraLinear(nn.Module):
                 dropout_p=self.vera_dropout[first], training=self.training,
                 fan_in_fan_out=self.fan_in_fan_out, backend=backend,
             )
+        elif self.quantized:
+            from .quant.base import quantized_base_forward
+
+            y, rest = quantized_base_forward(self.base_layer, x, *args, **kwargs), active
         else:
             y, rest = self.base_layer(x, *args, **kwargs), active
         for name in rest:

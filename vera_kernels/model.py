@@ -350,10 +350,11 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
             todo = [n for n in names if n in layer.vera_lambda_d and n not in layer.merged_adapters]
             if not todo:
                 continue
-            w = layer.base_layer.weight.detach().float()
+            dense = layer.dense_base_weight()
+            w = dense.float()
             for n in todo:
                 w = w + layer.get_delta_weight(n).to(w.device)
-                if not torch.isfinite(w.to(layer.base_layer.weight.dtype)).all():
+                if not torch.isfinite(w.to(dense.dtype)).all():
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {n} seems to be broken (layer {path}); "
                         "nothing was merged"

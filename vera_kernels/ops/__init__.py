@@ -62,6 +62,8 @@ def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropo
 def _dispatch(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p, training,
               fan_in_fan_out, backend):
     concrete = resolve_backend(backend, x.device)
+    if base_out is not None and base_out.dtype != x.dtype and concrete != "reference":
+        x = x.to(base_out.dtype)  # quantized bases compute in their compute dtype; the fused delta follows it
     allowed = _dtypes.REFERENCE_DTYPES if concrete in ("reference", "torch") else _dtypes.COMPUTE_DTYPES
     _dtypes.check_activation_dtype(x, allowed)
     p = float(dropout_p) if training else 0.0
@@ -148,8 +150,6 @@ def vera_add_delta(
     ac = _dtypes.autocast_dtype(x.device.type)
     if ac is not None:
         x = x.to(ac)
-    if base_out.dtype != x.dtype:
-        x = x.to(base_out.dtype)  # quantized bases compute in their compute dtype; the delta follows the output
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
         return _dispatch(x, None, None, base_out, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
                          training, False, backend)

@@ -15,8 +15,8 @@ Kernels:
                         forward: y += h R^T, R = diag(lambda_b) B_s diag(lambda_d) folded once per call by
                         _scale_projection_kernel, or the whole y = x W^T + b + h R^T (base fused);
                         backward: grad_x = g W (+) masked (grad_h A_s).
-    _vera_lambda_grads_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one
-                        cuBLAS GEMM, and dlambda_d from the down kernel's per-tile partials; never (N x out).
+    _vera_lambda_b_grad_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
+                        one cuBLAS GEMM; never (N x out). dlambda_d = column sums of the down kernel's partials.
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast; a float32
 A given to the op is cast once per call), lambdas are float32 and folded into one (out, r) operand per call; every
 dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in the main loops.
@@ -209,39 +209,25 @@ def _vera_up_kernel(
 
 
 @triton.jit
-def _vera_lambda_grads_kernel(
-    G, B, LD, PART, OUT,
-    N_OUT, R, N_TILES, N_O_PROGRAMS,
-    stride_go, stride_gr, stride_bo, stride_br, stride_pt,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+def _vera_lambda_b_grad_kernel(
+    G, B, LD, OUT, N_OUT, R,
+    stride_go, stride_gr, stride_bo, stride_br,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """OUT[R + o] = sum_k G[o, k] B[o, k] LD[k]   (dlambda_b; G = g^T h from one GEMM, never (N x out) elementwise)
-    OUT[k]     = sum_t PART[t, k]               (dlambda_d: the down kernel's per-tile partials, fixed order).
-    Both reductions run in a fixed order: the backward is deterministic at no cost."""
-    pid = tl.program_id(0)
-    offs_r0 = tl.arange(0, BLOCK_R)
-    if pid < N_O_PROGRAMS:
-        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
-        o_mask = offs_o < N_OUT
-        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + offs_r0
-            mask = o_mask[:, None] & (offs_r < R)[None, :]
-            g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + offs_r[None, :] * stride_gr, mask=mask, other=0.0)
-            b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + offs_r[None, :] * stride_br, mask=mask, other=0.0)
-            ld = tl.load(LD + offs_r, mask=offs_r < R, other=0.0).to(tl.float32)
-            acc += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
-        tl.store(OUT + R + offs_o, acc, mask=o_mask)
-    else:
-        offs_r = (pid - N_O_PROGRAMS) * BLOCK_R + offs_r0
-        r_mask = offs_r < R
-        offs_t = tl.arange(0, BLOCK_T)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for t0 in range(0, N_TILES, BLOCK_T):
-            t = t0 + offs_t
-            acc += tl.sum(tl.load(PART + t[:, None] * stride_pt + offs_r[None, :],
-                                  mask=(t < N_TILES)[:, None] & r_mask[None, :], other=0.0), axis=0)
-        tl.store(OUT + offs_r, acc, mask=r_mask)
+    """OUT[o] = sum_k G[o, k] B[o, k] LD[k]: dlambda_b from G = g^T h (one GEMM; never (N x out) elementwise).
+    One row block per program, a fixed summation order: deterministic."""
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_r = tl.arange(0, BLOCK_R)
+    o_mask = offs_o < N_OUT
+    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        cols = r0 + offs_r
+        mask = o_mask[:, None] & (cols < R)[None, :]
+        g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + cols[None, :] * stride_gr, mask=mask, other=0.0)
+        b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + cols[None, :] * stride_br, mask=mask, other=0.0)
+        ld = tl.load(LD + cols, mask=cols < R, other=0.0).to(tl.float32)
+        acc += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
+    tl.store(OUT + offs_o, acc, mask=o_mask)
 
 
 # ============================================================================================ launchers
@@ -349,18 +335,17 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
 
 def vera_lambda_grads(g, h, B_s, lambda_d, partial_ld):
     """cat(dlambda_d, dlambda_b), float32: dlambda_b = rowsum(B_s * lambda_d * (g^T h)) with g^T h (out, r) from one
-    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's partials. One finalize launch."""
+    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's per-tile partials. Fixed order: deterministic."""
     n_out, R = B_s.shape
     G = g.t() @ h  # (out, r): the rank-r GEMM over tokens (cuBLAS beat a Triton split-K kernel 2.3x on an H100)
     out = torch.empty((R + n_out,), device=g.device, dtype=torch.float32)
-    block_o, block_r = 64, min(128, _pow2_at_least(R))
-    n_o = _cdiv(n_out, block_o)
-    _vera_lambda_grads_kernel[(n_o + _cdiv(R, block_r),)](
-        G, B_s, lambda_d, partial_ld, out,
-        n_out, R, partial_ld.shape[0], n_o,
-        G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1), partial_ld.stride(0),
-        BLOCK_O=block_o, BLOCK_R=block_r, BLOCK_T=16,
-    )
+    torch.sum(partial_ld, dim=0, out=out[:R])
+    if n_out:
+        block_o = 64
+        _vera_lambda_b_grad_kernel[(_cdiv(n_out, block_o),)](
+            G, B_s, lambda_d, out[R:], n_out, R, G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1),
+            BLOCK_O=block_o, BLOCK_R=min(128, _pow2_at_least(R)),
+        )
     return out
 
 
@@ -532,9 +517,9 @@ class VeraLinearTritonFunction(torch.autograd.Function):
         dlambda_b[o] = sum_k B_s[o, k] lambda_d[k] (g^T h)[o, k]     (no (N x out) tensor)
         dx = s m * (grad_h A_s) + g W_eff;   dW = g^T x (x^T g for Conv1D);   db = sum_n g
     Saved for backward: h (N x r, x's dtype) and the dropout seed (plus x only when the base weight needs grad).
-    Reductions over tokens are always deterministic: per-tile partials and one GEMM, summed in a fixed order by one
-    finalize kernel. A float32-atomics variant would need a zero-fill launch in place of that finalize launch, so
-    there is one path, deterministic whatever ``torch.use_deterministic_algorithms`` says.
+    Reductions over tokens are always deterministic: per-tile partials and one GEMM, summed in a fixed order. A
+    float32-atomics variant would need a zero-fill launch in place of the partials' sum, so there is one path,
+    deterministic whatever ``torch.use_deterministic_algorithms`` says.
     """
 
     @staticmethod

@@ -34,7 +34,8 @@ Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")
       "schema": "vera_kernels.bench/1",
       "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
                   "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
-                  "timing": str, "versions": {"torch", "triton", "transformers", "peft", "vera_kernels": str|null}},
+                  "timing": str, "loadavg": {"start": [float]|null, "end": [float]|null},
+                  "versions": {"torch", "triton", "transformers", "peft", "vera_kernels": str|null}},
       "config": {"argv": [str], "device": str, "dtypes": [str], "model_dtype": str, "r": [int], "tokens": [int],
                  "shapes": ["INxOUT"], "model": str, "model_description": str, "backends": [str], "cases": [str],
                  "quick": bool, "seed": int, "threads": int, "repeats": {"layer": int, "model": int},
@@ -60,7 +61,8 @@ Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")
                           "max_rel_diff_vs_peft": {impl: float}, "step_ms": {impl: float}},
       "training_skipped": str|null,
       "checks": [{"issue", "case", "kind", "impl", "dtype", "tokens", "r", "what", "metric", "value", "op",
-                  "threshold", "goal", "ok": bool|null, "reason", "note"}],
+                  "threshold", "goal", "ok": bool|null, "reason", "spread": float|null (the larger relative
+                  half-IQR of the timings a time ratio divides), "noisy": bool (spread > 10%), "note"}],
       "wall_s": float
     }
 

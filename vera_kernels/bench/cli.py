@@ -18,7 +18,7 @@ import torch
 from . import presets as P
 from .cases import RunCtx, layer_cases, model_case
 from .impls import IMPLS, LAYER_IMPLS, OURS, unavailable_reason
-from .machine import machine_info
+from .machine import loadavg, machine_info
 from .measure import CpuPeak, CpuTimer, CudaPeak, CudaTimer, default_threads, free_memory
 from .progress import make_progress
 from .report import add_ratios, format_table, goal_checks, write_csv, write_plot
@@ -287,8 +287,10 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
     import_peft()
     gc.collect()
     gc.freeze()
+    rng_devices = [dev.index] if dev.type == "cuda" else []
     try:
-        with warnings.catch_warnings():
+        # the caller's RNG state, warning filters and thread count are left as they were
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=rng_devices):
             warnings.simplefilter("ignore")
             torch.manual_seed(args.seed)
             if "layer" in cases:
@@ -331,6 +333,7 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
         gc.unfreeze()
         if threads:
             torch.set_num_threads(old_threads)
+    machine["loadavg"]["end"] = loadavg()
     add_ratios(rows)
     results = {
         "schema": SCHEMA,

@@ -35,6 +35,14 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def loadavg() -> Optional[list]:
+    """The 1, 5 and 15 minute load averages (other processes competing for the cores show up here)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info(device: torch.device, timing: str) -> dict:
     import vera_kernels
 
@@ -59,6 +67,7 @@ def machine_info(device: torch.device, timing: str) -> dict:
             "vera_kernels": getattr(vera_kernels, "__version__", None),
         },
     }
+    info["loadavg"] = {"start": loadavg(), "end": None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = props.name

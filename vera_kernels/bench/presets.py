@@ -120,5 +120,5 @@ TRAIN_QUICK = TrainPreset(TRAIN_MODEL, steps=8, lr=5e-3, n_batches=4)
 
 # Per-case wall-clock cap (seconds) on the timed rounds: after at least MIN_ROUNDS rounds, a case stops early
 # once it has used this much time, so no preset can run away on a slow or busy machine.
-CASE_TIME_CAP_S = {"cpu": 40.0, "cuda": 15.0}
+CASE_TIME_CAP_S = {"cpu": 30.0, "cuda": 15.0}
 MIN_ROUNDS = 3

@@ -77,8 +77,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+_IMPLS: dict = {}
+
+
 def get_impl(backend: str):
     """The forward function of a concrete backend (imported on first use)."""
+    impl = _IMPLS.get(backend)
+    if impl is None:
+        impl = _IMPLS[backend] = _load_impl(backend)
+    return impl
+
+
+def _load_impl(backend: str):
     if backend == "reference":
         from .ops.reference import vera_linear_reference
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._dtypes import COMPUTE_DTYPES, PARAM_DTYPE, float32_preserving
 from .backends import check_backend_name, resolve_backend
-from .ops import vera_add_delta, vera_linear
+from .ops import vera_add_delta, vera_linear_prechecked
 from .projections import VeraProjections
 from .targeting import in_out_features
 
@@ -181,11 +181,10 @@ class VeraLinear(nn.Module):
         fused_base = self.base_kind in ("linear", "conv1d") and backend != "reference" and not args and not kwargs
         if fused_base:
             first, rest = active[0], active[1:]
-            y = vera_linear(
+            y = vera_linear_prechecked(
                 x, self.base_layer.weight, self.base_layer.bias, vera_A, vera_B,
-                self.vera_lambda_d[first], self.vera_lambda_b[first],
-                dropout_p=self.vera_dropout[first], training=self.training,
-                fan_in_fan_out=self.fan_in_fan_out, backend=backend,
+                self.vera_lambda_d[first], self.vera_lambda_b[first], self.in_features, self.out_features,
+                self.vera_dropout[first], self.training, self.fan_in_fan_out, backend,
             )
         elif self.quantized:
             from .quant.base import quantized_base_forward

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .. import _dtypes
-from ..backends import get_impl, resolve_backend
+from ..backends import BACKENDS, get_impl, resolve_backend
 
 __all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed"]
 
@@ -61,7 +61,7 @@ def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropo
 
 def _dispatch(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p, training,
               fan_in_fan_out, backend):
-    concrete = resolve_backend(backend, x.device)
+    concrete = backend if backend in BACKENDS else resolve_backend(backend, x.device)
     if base_out is not None and base_out.dtype != x.dtype and concrete != "reference":
         x = x.to(base_out.dtype)  # quantized bases compute in their compute dtype; the fused delta follows it
     allowed = _dtypes.REFERENCE_DTYPES if concrete in ("reference", "torch") else _dtypes.COMPUTE_DTYPES
@@ -108,6 +108,14 @@ def vera_linear(
         [("weight", weight), ("bias", bias), ("vera_A", vera_A), ("vera_B", vera_B), ("lambda_d", lambda_d),
          ("lambda_b", lambda_b)],
     )
+    return vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
+                                  training, fan_in_fan_out, backend)
+
+
+def vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p, training,
+                           fan_in_fan_out, backend):
+    """``vera_linear`` without the shape/device validation, for callers whose tensors are consistent by
+    construction (VeraLinear checks the input width itself). Autocast and the dtype rules still apply."""
     ac = _dtypes.autocast_dtype(x.device.type)
     if ac is not None:
         x, weight = x.to(ac), weight.to(ac)
@@ -117,7 +125,10 @@ def vera_linear(
             f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
             + (f", bias is {bias.dtype}" if bias is not None else "")
         )
-    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+    if ac is None:
+        return _dispatch(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
+                         training, fan_in_fan_out, backend)
+    with torch.autocast(x.device.type, enabled=False):
         return _dispatch(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
                          training, fan_in_fan_out, backend)
 

@@ -50,8 +50,6 @@ class VeraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out):
         cd = x.dtype
-        ld = lambda_d.float()
-        lb = lambda_b.float()
         seed = int(seed) if seed is not None else None
         if dropout_p > 0.0:
             keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
@@ -59,12 +57,13 @@ class VeraLinearFunction(torch.autograd.Function):
             del keep
         else:
             x_ad = x
-        h = x_ad @ vera_A_s.to(cd).t()
+        h = torch.mm(x_ad, _as(vera_A_s, cd).t())
         del x_ad
-        R = (vera_B_s.float() * lb[:, None] * ld[None, :]).to(cd)
+        # R = diag(lambda_b) B_s diag(lambda_d), float32 products (the lambdas are float32), one rounding to cd
+        R = _as(torch.mul(vera_B_s, lambda_b.unsqueeze(1)).mul_(lambda_d), cd)
         if base_out is None:
             w_t = weight if fan_in_fan_out else weight.t()
-            y = torch.addmm(bias, x, w_t) if bias is not None else x @ w_t
+            y = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
             y.addmm_(h, R.t())
         else:
             y = torch.addmm(base_out, h, R.t())
@@ -81,25 +80,23 @@ class VeraLinearFunction(torch.autograd.Function):
         h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b = ctx.saved_tensors
         need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
         cd = g.dtype
-        ld = lambda_d.float()
-        lb = lambda_b.float()
         grad_x = grad_w = grad_b = grad_base = grad_ld = grad_lb = None
 
         if need_x or need_ld:
-            gB = g @ (vera_B_s.float() * lb[:, None]).to(cd)
+            gB = torch.mm(g, _as(torch.mul(vera_B_s, lambda_b.unsqueeze(1)), cd))  # dL/du, u = lambda_d * h
             if need_ld:
-                grad_ld = (gB.float() * h.float()).sum(0).to(lambda_d.dtype)
+                grad_ld = torch.mul(gB, h).sum(0, dtype=torch.float32).to(lambda_d.dtype)
             if need_x:
-                grad_h = gB.mul_(ld.to(cd))
-                grad_x = grad_h @ vera_A_s.to(cd)
+                grad_h = gB.mul_(_as(lambda_d, cd))
+                grad_x = torch.mm(grad_h, _as(vera_A_s, cd))
                 if ctx.dropout_p > 0.0:
                     keep = dropout_keep_mask(ctx.seed, grad_x.shape, ctx.dropout_p, grad_x.device)
                     grad_x.masked_fill_(~keep, 0).mul_(1.0 / (1.0 - ctx.dropout_p))
                 if weight is not None:
                     grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
         if need_lb:
-            G = g.t() @ h
-            grad_lb = (G.float() * vera_B_s.float() * ld[None, :]).sum(1).to(lambda_b.dtype)
+            G = torch.mm(g.t(), h)  # (out, r): sum over tokens, instead of keeping v = u B_s^T (N x out)
+            grad_lb = torch.mv(torch.mul(G, vera_B_s).float(), lambda_d.float()).to(lambda_b.dtype)
         if need_w:
             grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
         if need_b:
@@ -107,6 +104,10 @@ class VeraLinearFunction(torch.autograd.Function):
         if need_base:
             grad_base = g
         return grad_x, grad_w, grad_b, grad_base, None, None, grad_ld, grad_lb, None, None, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def vera_linear_torch(

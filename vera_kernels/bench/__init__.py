@@ -10,7 +10,9 @@ implementation that can run here, alternated in one process:
   tokens (issue 3's goals);
 - a Llama-shaped model (transformers LlamaConfig, random weights, nothing downloaded; ``--model`` tiny on CPU,
   llama-1b / llama-7b-layers on GPU) with every linear layer targeted: training-step time and tokens/s;
-- a short training run (fp32, fixed synthetic data, same seed): our loss curve against PEFT's, step for step.
+- a short training run (fp32, fixed synthetic data, same seed): our loss curve against PEFT's, step for step;
+- dequantization of bitsandbytes weights (nf4, nested nf4, fp4, int8) by our native extension against bitsandbytes'
+  own, bit-exactness checked (when bitsandbytes is installed).
 
 Implementations: "base" (the frozen model: the floor), "peft" (PEFT's VeRA), "peft-lora" (PEFT's LoRA r=16, model
 case only), and our backends "reference", "torch", "triton" (triton only on CUDA unless named in ``--backends``).
@@ -60,6 +62,11 @@ Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")
                           "abs_diff_vs_peft": {impl: [float]}, "max_abs_diff_vs_peft": {impl: float},
                           "max_rel_diff_vs_peft": {impl: float}, "step_ms": {impl: float}},
       "training_skipped": str|null,
+      "dequant": null | [{"device", "format": "nf4"|"nf4-nested"|"fp4"|"int8", "shape": [rows, cols],
+                          "out_dtype", "impl": "vera-native"|"bitsandbytes", "median_ms", "gbps" (output bytes / s),
+                          "speedup_vs_bnb" (bitsandbytes' median / this median), "bitexact_vs_bnb": bool,
+                          "repeats"}],
+      "dequant_skipped": str|null,
       "checks": [{"issue", "case", "kind", "impl", "dtype", "tokens", "r", "what", "metric", "value", "op",
                   "threshold", "goal", "ok": bool|null, "reason", "spread": float|null (the larger relative
                   half-IQR of the timings a time ratio divides), "noisy": bool (spread > 10%), "note"}],

@@ -25,7 +25,7 @@ from .report import add_ratios, format_table, goal_checks, write_csv, write_plot
 from .training import training_run
 
 SCHEMA = "vera_kernels.bench/1"
-CASES = ("layer", "model", "train")
+CASES = ("layer", "model", "train", "dequant")
 
 
 class BenchUsageError(ValueError):
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"implementations to run, comma list of {', '.join(IMPLS)} or all (default: every one "
                         "that can run here; triton is never timed on the CPU unless named)")
     p.add_argument("--cases", type=_choice_list("--cases", CASES), default=list(CASES),
-                   help="which parts to run: layer, model, train (default all)")
+                   help="which parts to run: layer, model, train, dequant (default all)")
     p.add_argument("--repeats", type=_pos_int("--repeats"), help="timed rounds per case (overrides the presets)")
     p.add_argument("--warmup", type=_pos_int("--warmup"), help="warm-up rounds per case (>= 1)")
     p.add_argument("--train-steps", type=_pos_int("--train-steps", 3), help="optimizer steps of the training run")
@@ -280,6 +280,7 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
     ctx = RunCtx(dev, args.seed, plan["time_cap"], P.MIN_ROUNDS, progress.advance, peak_kind, timing)
     rows: list[dict] = []
     training, training_skipped = None, None
+    dequant, dequant_skipped = None, None
     # Everything alive now (modules of torch, transformers, peft ...) moves to gc's permanent generation, so the
     # collections between cases scan only what the benchmark creates (a full collection costs ~0.3 s otherwise).
     from .impls import import_peft
@@ -327,6 +328,9 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
                         rows.append(row)
                     if training is None and not training_skipped:
                         training_skipped = errors.get("peft", "PEFT's run failed")
+            if "dequant" in cases:
+                progress.describe("dequantization vs bitsandbytes")
+                dequant, dequant_skipped = _dequant_case(dev, args.quick)
     finally:
         progress.close()
         free_memory(dev)
@@ -353,6 +357,8 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
         "results": rows,
         "training": training,
         "training_skipped": training_skipped if "train" in cases else "not requested",
+        "dequant": dequant,
+        "dequant_skipped": dequant_skipped if "dequant" in cases else "not requested",
         "checks": goal_checks(rows, dev.type),
         "wall_s": None,
     }
@@ -367,6 +373,26 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
     if print_table:
         print(format_table(results), flush=True)
     return results
+
+
+def _dequant_case(dev, quick: bool):
+    """(rows, None) or (None, reason): our bitsandbytes dequantization (native extension) against bitsandbytes'."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:
+        return None, f"bitsandbytes is not importable ({type(exc).__name__})"
+    from .dequant import run as run_dequant
+
+    if quick:
+        sizes, repeats = ((1024, 1024),), 3
+    elif dev.type == "cuda":
+        sizes, repeats = ((4096, 4096), (11008, 4096)), 10
+    else:
+        sizes, repeats = ((4096, 4096),), 5
+    try:
+        return run_dequant(dev, sizes, repeats), None
+    except Exception as exc:  # a broken native build must not hide the rest of the benchmark
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -265,6 +265,13 @@ def format_table(results: dict) -> str:
         L.append(f"  median step time (steps {tr['timed_from_step']}..{tr['steps']}): " + "; ".join(parts))
     elif results.get("training_skipped"):
         L += ["", f"training run: n/a ({results['training_skipped']})"]
+    if results.get("dequant"):
+        from .dequant import format_table as dequant_table
+
+        L += ["", "dequantization of bitsandbytes weights (GB/s of output; every case bit-exact vs bitsandbytes "
+                  "unless marked NO):", dequant_table(results["dequant"])]
+    elif results.get("dequant_skipped") and results["dequant_skipped"] != "not requested":
+        L += ["", f"dequantization: n/a ({results['dequant_skipped']})"]
     checks = results.get("checks") or []
     if checks:
         L += ["", "goals (acceptance criteria of issues 2 and 3, measured in this run):"]

@@ -153,6 +153,25 @@ def validate_results(res: dict) -> list[str]:
                         errs.append(f"training.abs_diff_vs_peft.{n} does not match the loss curves")
                     elif not _close(tr["max_abs_diff_vs_peft"][n], max(d), 1e-12):
                         errs.append(f"training.max_abs_diff_vs_peft.{n} != max of the diffs")
+    dq = res.get("dequant")
+    if dq is not None:
+        if not isinstance(dq, list):
+            errs.append("dequant is not a list or null")
+        else:
+            bnb = {}
+            for d in dq:
+                if not isinstance(d, dict) or any(k not in d for k in ("format", "shape", "out_dtype", "impl",
+                                                                       "median_ms", "gbps", "speedup_vs_bnb",
+                                                                       "bitexact_vs_bnb")):
+                    errs.append(f"dequant row {d!r} lacks keys")
+                    continue
+                if d["impl"] == "bitsandbytes":
+                    bnb[(d["format"], tuple(d["shape"]), d["out_dtype"])] = d["median_ms"]
+            for d in dq:
+                if isinstance(d, dict) and "median_ms" in d:
+                    ref = bnb.get((d["format"], tuple(d["shape"]), d["out_dtype"]))
+                    if ref is None or not _close(d["speedup_vs_bnb"], ref / d["median_ms"], 1e-9):
+                        errs.append(f"dequant {d['format']}/{d['impl']}: speedup_vs_bnb is not bnb's time / this time")
     if not isinstance(res["checks"], list):
         errs.append("checks is not a list")
     else:

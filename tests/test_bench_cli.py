@@ -107,8 +107,21 @@ def test_quick_run_json_schema(quick):
     assert loaded == json.loads(json.dumps(results))  # the file is the returned object
     m, cfg = loaded["machine"], loaded["config"]
     assert m["device"] == "cpu" and m["threads"] >= 1 and m["versions"]["torch"] == torch.__version__
-    assert cfg["quick"] is True and cfg["cases"] == ["layer", "model", "train"]
+    assert cfg["quick"] is True and cfg["cases"] == ["layer", "model", "train", "dequant"]
     assert isinstance(loaded["wall_s"], float)
+
+
+def test_quick_run_dequant_section(quick):
+    """The dequantization table: every format, our native extension and bitsandbytes, bit-exact, ratios derived."""
+    _, res, _ = quick
+    pytest.importorskip("bitsandbytes")
+    dq = res["dequant"]
+    assert dq, res.get("dequant_skipped")
+    assert {d["format"] for d in dq} == {"nf4", "nf4-nested", "fp4", "int8"}
+    assert {d["impl"] for d in dq} == {"vera-native", "bitsandbytes"}
+    for d in dq:
+        assert d["bitexact_vs_bnb"], d
+        assert d["median_ms"] > 0 and d["gbps"] > 0
 
 
 def test_quick_run_has_every_case_and_implementation(quick):

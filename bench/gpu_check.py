@@ -85,21 +85,6 @@ def correctness_cases(smoke: bool):
     return cases
 
 
-def _formula(x, W, b, A_s, B_s, ld, lb, keep, p, fifo, dtype):
-    """y in ``dtype`` with plain torch ops (autograd), the yardstick for rounding; float64 gives the truth."""
-    import torch
-
-    x, W, A_s, B_s = x.to(dtype), W.to(dtype), A_s.to(dtype), B_s.to(dtype)
-    xd = x if keep is None else x * keep.to(dtype) / (1 - p)
-    base = x @ (W if fifo else W.t())
-    if b is not None:
-        base = base + b.to(dtype)
-    if dtype == torch.float64:
-        return base + ((xd @ A_s.t()) * ld.to(dtype)) @ (lb.to(dtype)[:, None] * B_s).t()
-    h = xd @ A_s.t()
-    return base + (h * ld.to(dtype)) @ (lb[:, None] * B_s.float()).to(dtype).t()
-
-
 def _poison(device):
     import torch
 
@@ -114,6 +99,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
 
     from vera_kernels.ops import vera_linear
     from vera_kernels.ops import vera_triton as vt
+    from vera_kernels.ops.reference import vera_formula
 
     dtype = _dt(dtype_name)
     dev = torch.device(device)
@@ -157,7 +143,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
         xx, ldd, lbb = ins[0], ins[1], ins[2]
         WW = ins[3] if weight_grad else W.detach()
         bb = ins[4] if (weight_grad and bias) else (b.detach() if bias else None)
-        yy = _formula(xx, WW, bb, A[:, :fin], B[:fout], ldd, lbb, keep, p, fifo, dt)
+        yy = vera_formula(xx, WW, bb, A, B, ldd, lbb, fan_in_fan_out=fifo, keep=keep, p=p)
         gg = torch.autograd.grad(yy, ins, gy.to(yy.dtype)) if total else [torch.zeros_like(t) for t in ins]
         return yy, gg
 

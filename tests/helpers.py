@@ -127,21 +127,7 @@ def logits(model, ids) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the formula
-def vera_formula(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, *, fan_in_fan_out=False, keep=None,
-                 p: float = 0.0):
-    """y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), differentiable, in the inputs' dtype.
-
-    ``keep`` is the dropout keep-mask (same shape as x), applied with scale 1/(1-p). Call it on float64 tensors for
-    the exact reference, or on low-precision tensors for a plain PyTorch implementation in that dtype."""
-    W = weight.t() if fan_in_fan_out else weight
-    out_f, in_f = W.shape
-    A_s = vera_A[:, :in_f].to(x.dtype)
-    B_s = vera_B[:out_f, :].to(x.dtype)
-    x_ad = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
-    base = x @ W.t().to(x.dtype)
-    if bias is not None:
-        base = base + bias.to(x.dtype)
-    return base + lambda_b.to(x.dtype) * ((lambda_d.to(x.dtype) * (x_ad @ A_s.t())) @ B_s.t())
+from vera_kernels.ops.reference import vera_formula  # noqa: E402,F401  (the yardstick lives with the op)
 
 
 def f64_leaf(t: Optional[torch.Tensor], requires_grad: bool = True) -> Optional[torch.Tensor]:

@@ -15,6 +15,7 @@ from torch import nn
 import vera_kernels as vk
 from vera_kernels.backends import resolve_backend
 from vera_kernels.ops import vera_linear
+from vera_kernels.ops.reference import vera_formula
 
 vt = pytest.importorskip("vera_kernels.ops.vera_triton")
 
@@ -52,18 +53,10 @@ def _inputs(N, fin, fout, r, in_max, out_max, dtype, fifo=False, bias=True, stri
     return x, W, b, A, B, ld, lb
 
 
-def _formula(x, W, b, A_s, B_s, ld, lb, keep, p, fifo, dtype):
-    x, W, A_s, B_s = x.to(dtype), W.to(dtype), A_s.to(dtype), B_s.to(dtype)
-    xd = x if keep is None else x * keep.to(dtype) / (1 - p)
-    base = x @ (W if fifo else W.t()) + (b.to(dtype) if b is not None else 0)
-    return base + ((xd @ A_s.t()) * ld.to(dtype)) @ (lb.to(dtype)[:, None] * B_s).t()
-
-
 def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, fuse=False, wgrad=False):
     """Run the triton op, then judge output and gradients against float64 and against torch's own dtype error."""
     dtype = x.dtype
     fin = x.shape[-1]
-    fout = lb.shape[0]
     torch.manual_seed(1234)
     os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
     try:
@@ -83,7 +76,7 @@ def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, fuse=False, wgrad=False)
         ins = [t.detach().to(torch.float64 if dt == torch.float64 else t.dtype).requires_grad_(True) for t in inputs]
         WW = ins[3] if wgrad else W.detach()
         bb = (ins[4] if b is not None else None) if wgrad else (b.detach() if b is not None else None)
-        yy = _formula(ins[0], WW, bb, A[:, :fin], B[:fout], ins[1], ins[2], keep, p, fifo, dt)
+        yy = vera_formula(ins[0], WW, bb, A, B, ins[1], ins[2], fan_in_fan_out=fifo, keep=keep, p=p)
         gg = torch.autograd.grad(yy, ins, gy.to(yy.dtype)) if yy.numel() else [torch.zeros_like(t) for t in ins]
         return [yy] + list(gg)
 

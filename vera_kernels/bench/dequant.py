@@ -23,14 +23,6 @@ DEFAULT_OUT_DTYPES = (torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        r, c = item.lower().split("x")
-        out.append((int(r), int(c)))
-    return out
-
-
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     if device.type == "cuda":
 

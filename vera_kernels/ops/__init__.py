@@ -125,10 +125,7 @@ def vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, 
             f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
             + (f", bias is {bias.dtype}" if bias is not None else "")
         )
-    if ac is None:
-        return _dispatch(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
-                         training, fan_in_fan_out, backend)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
         return _dispatch(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
                          training, fan_in_fan_out, backend)
 

@@ -42,3 +42,22 @@ def vera_linear_reference(
     B_s = vera_B_s.to(x_ad.dtype)
     result = base_out + lambda_b * F.linear(lambda_d * F.linear(x_ad, A_s), B_s)
     return result.to(out_dtype)
+
+
+def vera_formula(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, *, fan_in_fan_out=False, keep=None,
+                 p: float = 0.0):
+    """y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), differentiable, in x's dtype.
+
+    The yardstick of the tests and of ``make gpu-check``: called on float64 tensors it is the exact reference, on
+    low-precision tensors a plain PyTorch implementation in that dtype (whose error every backend is judged against).
+    ``keep`` is a dropout keep-mask shaped like x, applied with scale 1/(1-p); A and B may be the full shared
+    projections or already sliced."""
+    W = weight.t() if fan_in_fan_out else weight
+    out_f, in_f = W.shape
+    A_s = vera_A[:, :in_f].to(x.dtype)
+    B_s = vera_B[:out_f, :].to(x.dtype)
+    x_ad = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
+    base = x @ W.t().to(x.dtype)
+    if bias is not None:
+        base = base + bias.to(x.dtype)
+    return base + lambda_b.to(x.dtype) * ((lambda_d.to(x.dtype) * (x_ad @ A_s.t())) @ B_s.t())

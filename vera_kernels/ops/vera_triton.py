@@ -36,14 +36,8 @@ import triton.language as tl
 
 
 # ============================================================================================ reference
-def vera_linear_triton_reference(x, weight, bias, A_s, B_s, lambda_d, lambda_b, keep=None, p=0.0, fan_in_fan_out=False):
-    """The math the kernels implement, in plain torch (float32 adapter math), for tests and gpu-check."""
-    xd = x.float() if keep is None else x.float() * keep * (1.0 / (1.0 - p))
-    h = xd @ A_s.float().t()
-    base = x.float() @ (weight.float() if fan_in_fan_out else weight.float().t())
-    if bias is not None:
-        base = base + bias.float()
-    return base + (h * lambda_d.float()) @ (lambda_b.float()[:, None] * B_s.float()).t()
+# The math the kernels below implement, in plain torch (differentiable; float64 in the tests and gpu-check).
+from .reference import vera_formula  # noqa: E402,F401
 
 
 # ============================================================================================ kernels

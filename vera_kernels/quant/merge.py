@@ -4,6 +4,7 @@ Public API (used by :class:`vera_kernels.layer.VeraLinear`)::
 
     check_mergeable(module) -> None                       # raises, changing nothing, if a merge cannot be done
     add_to_quantized_weight_(module, delta, alpha) -> None  # W <- requantize(dequantize(W) + alpha * delta)
+    quantizer_input_dtype(module) -> torch.dtype           # the dtype a merged weight must be finite in
     has_original(module) -> bool                           # an exact pre-merge copy is kept (see below)
     release_original(module) -> None                       # drop it (e.g. after unpatch_model(merge=True))
 
@@ -46,7 +47,14 @@ import torch
 
 from .dequant import dequantize_weight
 
-__all__ = ["check_mergeable", "add_to_quantized_weight_", "has_original", "release_original", "KEEP_ORIGINAL"]
+__all__ = [
+    "check_mergeable",
+    "add_to_quantized_weight_",
+    "quantizer_input_dtype",
+    "has_original",
+    "release_original",
+    "KEEP_ORIGINAL",
+]
 
 KEEP_ORIGINAL = True
 STACK_ATTR = "_vera_kernels_merge_stack"
@@ -172,9 +180,13 @@ class _Stack:
     marks: tuple = ()
 
 
-def _delta_key(delta: torch.Tensor) -> tuple:
-    d = delta.detach().to(torch.float32).contiguous().cpu()
-    return tuple(d.shape), hashlib.blake2b(d.numpy().tobytes(), digest_size=20).hexdigest()
+def _delta_key(delta: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple:
+    """Shape and a hash of the float32 bytes of ``delta`` (host copies in bounded chunks for device tensors)."""
+    d = delta.detach().to(torch.float32).contiguous().reshape(-1)
+    h = hashlib.blake2b(digest_size=20)
+    for start in range(0, d.numel(), chunk_elems):
+        h.update(d[start : start + chunk_elems].cpu().numpy())
+    return tuple(delta.shape), h.hexdigest()
 
 
 def _marks(module, kind: str) -> tuple:
@@ -200,8 +212,8 @@ def _still_ours(module, kind: str, marks: tuple) -> bool:
 def _snapshot(module, kind: str) -> dict:
     w = module.weight
     if kind == "4bit":
-        return dict(data=w.data, weight_qs=getattr(w, "quant_state", None), module_qs=getattr(module, "quant_state", None),
-                    bnb_quantized=getattr(w, "bnb_quantized", True))
+        return dict(data=w.data, weight_qs=getattr(w, "quant_state", None),
+                    module_qs=getattr(module, "quant_state", None), bnb_quantized=getattr(w, "bnb_quantized", True))
     return dict(data=w.data, CB=w.data, SCB=_current_scb(module))
 
 
@@ -245,10 +257,18 @@ def _install_8bit(module, CB: torch.Tensor, SCB: torch.Tensor) -> None:
                 setattr(state, attr, None)
 
 
-def _4bit_dtype(module) -> torch.dtype:
-    """The dtype the layer's float weight had when it was quantized (the quant state's dtype before any repacking)."""
-    qs = _quant_state(module)
-    return qs.original_dtype if getattr(qs, "packing_format_for_cpu", False) else qs.dtype
+def quantizer_input_dtype(module) -> torch.dtype:
+    """The dtype a merged weight is cast to before bitsandbytes quantizes it (a merge must be finite in it): the 4-bit
+    layer's original float dtype (its quant state's dtype before any CPU repacking), float16 for an int8 weight (what
+    ``Int8Params`` quantizes from), the weight's own dtype for a float weight."""
+    check_mergeable(module)
+    w = module.weight
+    if _kind(module) == "4bit":
+        if not _is_quantized_4bit(module):
+            return w.dtype
+        qs = _quant_state(module)
+        return qs.original_dtype if getattr(qs, "packing_format_for_cpu", False) else qs.dtype
+    return torch.float16 if w.dtype == torch.int8 else w.dtype
 
 
 def _requantize_4bit(module, W: torch.Tensor) -> None:
@@ -329,7 +349,7 @@ def add_to_quantized_weight_(module, delta: torch.Tensor, alpha: float) -> None:
 
         W = dequantize_weight(module, torch.float32)
         W.add_(delta.to(device=W.device, dtype=torch.float32), alpha=alpha)
-        target = W.to(_4bit_dtype(module) if kind == "4bit" else torch.float16)  # what bitsandbytes quantizes from
+        target = W.to(quantizer_input_dtype(module))  # what bitsandbytes quantizes from
         if not torch.isfinite(target).all():
             raise ValueError(f"vera_kernels: merging into {where} gives non-finite weights; nothing was changed")
         saved = _snapshot(module, kind)

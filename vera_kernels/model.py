@@ -352,9 +352,14 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
                 continue
             dense = layer.dense_base_weight()
             w = dense.float()
+            check_dtype = dense.dtype
+            if layer.quantized:  # bitsandbytes quantizes from this dtype (float16 for int8): overflow there is inf too
+                from .quant.merge import quantizer_input_dtype
+
+                check_dtype = quantizer_input_dtype(layer.base_layer)
             for n in todo:
                 w = w + layer.get_delta_weight(n).to(w.device)
-                if not torch.isfinite(w.to(dense.dtype)).all():
+                if not torch.isfinite(w.to(check_dtype)).all():
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {n} seems to be broken (layer {path}); "
                         "nothing was merged"
@@ -388,6 +393,10 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
         unmerge_adapter(model)
     for path, layer in layers:
         _set_submodule(model, path, layer.base_layer)
+        if layer.quantized:  # merged for good: free the pre-merge tensors kept for an exact unmerge
+            from .quant.merge import release_original
+
+            release_original(layer.base_layer)
     for path, wrapper in list(_wrappers(model)):
         _set_submodule(model, path, wrapper.current())
     for name, p in model.named_parameters():  # module paths are the original ones again

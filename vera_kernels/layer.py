@@ -126,12 +126,6 @@ class VeraLinear(nn.Module):
             return dequantize_weight(self.base_layer, torch.float32)
         return self.base_layer.weight.detach()
 
-    def merged_weight(self, adapter: str) -> torch.Tensor:
-        """What the (dense) base weight would become after merging ``adapter`` (a new tensor; nothing changes)."""
-        weight = self.dense_base_weight()
-        merged = weight.float() + self.get_delta_weight(adapter).to(weight.device)
-        return merged if self.quantized else merged.to(weight.dtype)
-
     def _add_delta(self, name: str, sign: float) -> None:
         delta = self.get_delta_weight(name)
         if self.quantized:  # dequantize, add, requantize with bitsandbytes' own quantizer and the layer's settings

@@ -282,13 +282,10 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
         _require_adapter(state, n)
-    merged = [layer for _, layer in vera_layers(model) if layer.merged]
-    if merged:  # PEFT's behaviour: a merged model is unmerged before the active adapter changes
+    if any(layer.merged for _, layer in vera_layers(model)):
+        # PEFT's behaviour: a merged model is unmerged before the active adapter changes
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
-        for layer in merged:
-            layer._check_mergeable()
-        for layer in merged:
-            layer.unmerge()
+        unmerge_adapter(model)
     state.active = names
     for _, m in list(vera_layers(model)) + list(_wrappers(model)):
         m.set_active(names)

@@ -252,10 +252,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=512)
-def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, dropout: bool = False) -> dict:
     """Block sizes, warps and stages per kernel and shape (a heuristic measured on an H100; see bench/results/).
+
     The interpreter gets small tiles and no scheduling hints (odd test shapes still span several tiles), of a
-    different height per kernel so that tests catch anything (such as the dropout mask) that depends on the tiling."""
+    different height per kernel so that tests catch anything (such as the dropout mask) that depends on the tiling.
+    On a GPU, no configuration may spill registers, on triton 3.6 or 3.9, sm_80 or sm_90: tests/triton_compile_check.py
+    compiles every one without a GPU and fails on spills. Philox dropout holds its counters for a whole tile in
+    registers, so masked tiles are kept to <= 32 elements per thread: the masked x tile of "down" (BLOCK_M x BLOCK_K)
+    and the masked output tile of "up" (BLOCK_M x BLOCK_N, backward only).
+    """
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32) if kind == "down" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
     wide = dtype != torch.float32  # tensor-core dtypes take bigger tiles than ieee fp32 FMA
@@ -265,10 +271,13 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     if kind == "down":  # (M x r), K = in (forward) or out (backward): long K, narrow N
         bm = 128 if M >= 2048 else 64
         bn = min(128, _pow2_at_least(N))
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=4)
+        warps = 8 if bm * bn >= 64 * 128 else 4
+        bk = 32 if dropout else 64
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=4)
     if kind == "up":  # (M x out or in), K = r: a rank-r update read-modify-writing its output
         bm = 128 if M >= 1024 else 64
-        return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(64, _pow2_at_least(K)),
+        bn = 64 if dropout or K <= 16 else 128  # K <= 16: triton 3.6 spills at 128 x 128 (the ACC_IN load is hoisted)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(64, _pow2_at_least(K)),
                     num_warps=8 if bm >= 128 else 4, num_stages=3)
     if kind == "up_base":  # a full GEMM (K = in or out) plus the rank-r update
         bm = 128 if M >= 1024 else 64
@@ -282,7 +291,7 @@ def vera_down(x, w_kn, *, nscale=None, h=None, seed=0, p=0.0):
     M, K = x.shape
     N = w_kn.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    cfg = _config("down", M, N, K, x.dtype, x.device)
+    cfg = _config("down", M, N, K, x.dtype, x.device, p > 0)
     n_mtiles = _cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32) if h is not None else None
     if M == 0:
@@ -309,7 +318,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
     if M == 0 or N == 0:
         return out
     KB = xb.shape[1] if xb is not None else 0
-    cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device)
+    cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]))
     _vera_up_kernel[grid](
         hh, v_kn, out, acc_in if acc_in is not None else out,

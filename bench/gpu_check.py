@@ -5,11 +5,12 @@ peft installed; vera_kernels is imported from the checkout).
 Phases
   A  correctness (three processes in parallel, one per dtype, which also compiles the Triton kernels into the shared
      on-disk cache): triton vs a float64 evaluation of the formula, forward and every gradient, on odd shapes, slices,
-     strided and 3-D inputs, Conv1D layout, bias/no bias, dropout (mask regenerated from the seed), N = 0, the fused
-     and the cuBLAS base path, deterministic and atomic reductions. Each error is judged against PyTorch's own error
+     strided and 3-D inputs, Conv1D layout, bias/no bias, dropout (mask regenerated from the seed), N = 0, each of the
+     three base-GEMM arrangements (cuBLAS then update, update then cuBLAS accumulating, fused Triton GEMM),
+     deterministic and atomic reductions. Each error is judged against PyTorch's own error
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
      Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer.
-  B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (fused and cuBLAS base), at
+  B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (three base arrangements), at
      the issue's shapes; fwd+bwd time (CUDA events via triton.testing.do_bench, medians, implementations alternated,
      inputs rotated), saved activation bytes, peak memory.
   C  model benchmark: `python -m vera_kernels.bench --device cuda --model llama-1b --quick` (time-boxed).
@@ -33,6 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOL_FLOOR = {"float32": 2e-6, "float16": 2e-4, "bfloat16": 2e-3}
+ENV_BASE_GEMM = "VERA_KERNELS_BASE_GEMM"  # read by vera_triton.base_gemm_mode at each call
+
+
+def _base_gemms():
+    """vera_triton.BASE_GEMMS, imported late (TRITON_INTERPRET must be set before triton is imported)."""
+    from vera_kernels.ops import vera_triton
+
+    assert vera_triton.ENV_BASE_GEMM == ENV_BASE_GEMM
+    return vera_triton.BASE_GEMMS
 TOL_FACTOR = 4.0
 
 
@@ -49,10 +59,12 @@ def correctness_cases(smoke: bool):
         big = dict(N=37, fin=45, fout=29, r=19, in_max=50, out_max=33)
         return [
             ("odd", dict(big)),
-            ("odd-fused", dict(big, fuse=True)),
+            ("odd-cublas-accumulate", dict(big, base="cublas-accumulate")),
+            ("odd-fused", dict(big, base="triton")),
             ("conv1d-nobias", dict(big, fifo=True, bias=False)),
             ("dropout", dict(big, p=0.25)),
-            ("dropout-fused", dict(big, p=0.25, fuse=True)),
+            ("dropout-cublas-accumulate", dict(big, p=0.25, base="cublas-accumulate")),
+            ("dropout-fused", dict(big, p=0.25, base="triton")),
             ("strided-2d", dict(big, strided=True)),
             ("strided-3d", dict(big, strided=True, lead=(3,))),
             ("atomic", dict(big, deterministic=False)),
@@ -60,21 +72,21 @@ def correctness_cases(smoke: bool):
             ("N=0", dict(big, N=0)),
         ]
     cases = []
-    for fuse in (False, True):
-        tag = "fused" if fuse else "cublas"
+    for base in _base_gemms():
+        tag = {"triton": "fused", "cublas-accumulate": "cublas-acc"}.get(base, base)
         cases += [
-            (f"odd-{tag}", dict(N=1000, fin=1001, fout=777, r=63, in_max=1111, out_max=1501, fuse=fuse)),
-            (f"llama-{tag}", dict(N=4096, fin=2048, fout=5632, r=256, in_max=5632, out_max=5632, fuse=fuse)),
+            (f"odd-{tag}", dict(N=1000, fin=1001, fout=777, r=63, in_max=1111, out_max=1501, base=base)),
+            (f"llama-{tag}", dict(N=4096, fin=2048, fout=5632, r=256, in_max=5632, out_max=5632, base=base)),
             (f"conv1d-{tag}", dict(N=555, fin=768, fout=2304, r=200, in_max=3072, out_max=3072, fifo=True,
-                                   bias=True, fuse=fuse)),
+                                   bias=True, base=base)),
             (f"dropout-{tag}", dict(N=1023, fin=1000, fout=1200, r=128, in_max=1000, out_max=1200, p=0.1,
-                                    fuse=fuse)),
+                                    base=base)),
             (f"strided2d-{tag}", dict(N=300, fin=513, fout=257, r=64, in_max=600, out_max=300, strided=True,
-                                      fuse=fuse)),
+                                      base=base)),
             (f"strided3d-{tag}", dict(N=300, fin=513, fout=257, r=64, in_max=600, out_max=300, strided=True,
-                                      lead=(3,), fuse=fuse)),
+                                      lead=(3,), base=base)),
             (f"wgrad-{tag}", dict(N=257, fin=320, fout=640, r=1024, in_max=320, out_max=640, weight_grad=True,
-                                  fuse=fuse)),
+                                  base=base)),
         ]
     cases += [
         ("atomic", dict(N=2048, fin=1024, fout=1024, r=256, in_max=1024, out_max=1024, deterministic=False)),
@@ -93,7 +105,7 @@ def _poison(device):
         del t
 
 
-def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True, p=0.0, fuse=False,
+def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True, p=0.0, base="cublas",
              strided=False, lead=(), deterministic=True, weight_grad=False, device="cuda"):
     import torch
 
@@ -122,7 +134,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
     B = rnd(out_max, r, scale=(6 / r) ** 0.5)
     ld = rnd(r).requires_grad_(True)
     lb = rnd(fout).requires_grad_(True)
-    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
+    os.environ[ENV_BASE_GEMM] = base
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     _poison(dev)
     torch.manual_seed(1234)
@@ -161,7 +173,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
         passed = finite and err <= tol
         ok &= passed
         rows_out.append(dict(tensor=name, err=err, torch_err=base_err, tol=tol, finite=finite, ok=passed))
-    os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    os.environ.pop(ENV_BASE_GEMM, None)
     return ok, rows_out
 
 
@@ -200,8 +212,8 @@ def big_offsets_check():
     ld = torch.randn(r, device=dev, requires_grad=True)
     lb = torch.randn(fout, device=dev, requires_grad=True)
     out = {}
-    for fuse in ("0", "1"):
-        os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+    for base in _base_gemms():
+        os.environ[ENV_BASE_GEMM] = base
         y = vera_linear(x, W, None, A, B, ld, lb, backend="triton")
         idx = torch.tensor([0, 1, N // 2, N - 2, N - 1], device=dev)
         xs = x.detach()[idx].double()
@@ -211,9 +223,9 @@ def big_offsets_check():
         (gx,) = torch.autograd.grad(y, [x], gy)
         gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ (lb.double()[:, None] * B.double())) * ld.double()) @ A.double()
         gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
-        out[f"fuse={fuse}"] = dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
+        out[base] = dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
         del y, gx, gy
-    os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+    os.environ.pop(ENV_BASE_GEMM, None)
     out["ok"] = all(v["ok"] for v in out.values())
     return out
 
@@ -335,21 +347,22 @@ def layer_bench(smoke: bool):
             print(f"  peft unavailable: {exc}")
         import copy
 
-        variants = [("reference", None), ("torch", None), ("triton", "0"), ("triton", "1")]
+        variants = [("reference", None), ("torch", None)] + [("triton", mode) for mode in _base_gemms()]
         if smoke:
-            variants = [("reference", None), ("torch", None), ("triton", "0")]
-        for backend, fuse in variants:
+            variants = [("reference", None), ("torch", None), ("triton", "cublas")]
+        names = {"cublas": "triton-cublas", "cublas-accumulate": "triton-cublas-acc", "triton": "triton-fused"}
+        for backend, mode in variants:
             m = vk.patch_model(copy.deepcopy(base), vk.VeraConfig(r=r, target_modules=["lin"], init_weights=False),
                                backend=backend)
-            impls[backend if fuse is None else f"triton-{'fused' if fuse == '1' else 'cublas'}"] = (m, fuse)
+            impls[backend if mode is None else names[mode]] = (m, mode)
         xs = [torch.randn(tokens, fin, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         gy = torch.randn(tokens, fout, device=dev, dtype=dtype)
         state = {"i": 0}
 
-        def make_step(mod, fuse, xs=xs, gy=gy):
+        def make_step(mod, mode, xs=xs, gy=gy):
             def step():
-                if fuse is not None:
-                    os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+                if mode is not None:
+                    os.environ[ENV_BASE_GEMM] = mode
                 x = xs[state["i"] % len(xs)]
                 state["i"] += 1
                 y = mod(x)
@@ -359,8 +372,8 @@ def layer_bench(smoke: bool):
 
         steps = {}
         for name, obj in impls.items():
-            mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
-            steps[name] = make_step(mod, fuse)
+            mod, mode = obj if isinstance(obj, tuple) else (obj, None)
+            steps[name] = make_step(mod, mode)
         times = {n: [] for n in steps}
         gtimes = {}
         rounds = 3 if not smoke else 1
@@ -380,9 +393,9 @@ def layer_bench(smoke: bool):
                     gtimes[name] = None
                     print(f"  graph capture failed for {name}: {type(exc).__name__}: {str(exc)[:200]}")
         for name, obj in impls.items():
-            mod, fuse = obj if isinstance(obj, tuple) else (obj, None)
-            if fuse is not None:
-                os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
+            mod, mode = obj if isinstance(obj, tuple) else (obj, None)
+            if mode is not None:
+                os.environ[ENV_BASE_GEMM] = mode
             x = xs[0]
             params = [p for p in mod.parameters()] + [b for b in mod.buffers()]
             for sub in mod.modules():  # the cached casts of the shared projections are model state, not activations
@@ -401,7 +414,7 @@ def layer_bench(smoke: bool):
             med = sorted(times[name])[len(times[name]) // 2]
             rows.append(dict(tokens=tokens, fin=fin, fout=fout, r=r, impl=name, fwd_bwd_ms=med, graph_ms=gtimes.get(name),
                              spread_ms=(min(times[name]), max(times[name])), saved_bytes=saved, peak_bytes=peak))
-        os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
+        os.environ.pop(ENV_BASE_GEMM, None)
         del impls, steps, xs, gy
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -462,11 +475,16 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
         ("fwd up: y += h R^T", lambda: vt.vera_up(h, R.t(), y, acc_in=y), Nf * fout, lambda: y.addmm_(h, R.t())),
         ("fwd up+base (fused)", lambda: vt.vera_up(h, R.t(), y, xb=x, wb_kn=W.t()), Nf * fout + Nr,
          lambda: torch.mm(x, W.t())),
+        # "cublas-accumulate": the up kernel only writes y, then cuBLAS accumulates the base GEMM (beta = 1)
+        ("fwd up, write only: y = h R^T", lambda: vt.vera_up(h, R.t(), y), Nf * fout, lambda: torch.mm(h, R.t())),
+        ("cuBLAS y += x W^T vs y = x W^T", lambda: y.addmm_(x, W.t()), Nr, lambda: torch.mm(x, W.t())),
         ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h), Nf * fout, lambda: g @ R),
         ("bwd lambdas: g^T h + finalize", lambda: vt.vera_lambda_grads(g, h, B32, ld, part), Nf * fout,
          lambda: g.t() @ h),
         ("bwd up: gx += grad_h A", lambda: vt.vera_up(h, A, gx, acc_in=gx), Nf * fin, lambda: gx.addmm_(h, A)),
         ("bwd up+base (fused)", lambda: vt.vera_up(h, A, gx, xb=g, wb_kn=W), Nf * fin + Nr, lambda: torch.mm(g, W)),
+        ("bwd up, write only: gx = grad_h A", lambda: vt.vera_up(h, A, gx), Nf * fin, lambda: torch.mm(h, A)),
+        ("cuBLAS gx += g W vs gx = g W", lambda: gx.addmm_(g, W), Nr, lambda: torch.mm(g, W)),
     ]
     out = []
     print(f"\nKernel breakdown, bf16, tokens={tokens}, {fin}->{fout}, r={r} (cuBLAS/torch doing the same math; "
@@ -549,16 +567,16 @@ def main():
     report["extra_checks"] = extra
     n_ok = sum(r["ok"] for r in results)
     print(f"\nPhase A: {n_ok}/{len(results)} correctness cases pass  ({time.time() - t_start:.0f} s)")
-    print(f"{'dtype':>9} {'case':>18} {'ok':>3}  worst tensor: err vs fp64 (torch's own err, tol)")
+    print(f"{'dtype':>9} {'case':>26} {'ok':>3}  worst tensor: err vs fp64 (torch's own err, tol)")
     for r in results:
         if "rows" in r:
             worst = max(r["rows"], key=lambda x: x["err"] / x["tol"])
-            print(f"{r['dtype']:>9} {r['case']:>18} {'ok' if r['ok'] else 'NO':>3}  {worst['tensor']}: "
+            print(f"{r['dtype']:>9} {r['case']:>26} {'ok' if r['ok'] else 'NO':>3}  {worst['tensor']}: "
                   f"{worst['err']:.2e} ({worst['torch_err']:.2e}, {worst['tol']:.1e})")
         else:
-            print(f"{r['dtype']:>9} {r['case']:>18} {'NO':>3}  {r.get('error')}")
+            print(f"{r['dtype']:>9} {r['case']:>26} {'NO':>3}  {r.get('error')}")
     for name, res in extra.items():
-        print(f"{'extra':>9} {name:>18} {'ok' if res.get('ok') else 'NO':>3}  "
+        print(f"{'extra':>9} {name:>26} {'ok' if res.get('ok') else 'NO':>3}  "
               + json.dumps({k: v for k, v in res.items() if k not in ('trace',)}))
 
     # ---- phase B: layer benchmark

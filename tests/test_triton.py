@@ -6,6 +6,7 @@ bf16 is verified on a GPU only (`make gpu-check`): the interpreter's bf16 tl.dot
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -23,6 +24,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 FACTOR = 4.0
+BASE_GEMMS = vt.BASE_GEMMS  # how the base GEMM meets the rank-r update (cuBLAS first, cuBLAS accumulating, fused)
+
+
+@contextlib.contextmanager
+def base_gemm(mode):
+    os.environ[vt.ENV_BASE_GEMM] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop(vt.ENV_BASE_GEMM, None)
+
 
 # (N, in, out, r, in_max, out_max): odd sizes, none a multiple of the interpreter's 32-wide tiles
 SHAPES = [
@@ -53,16 +65,13 @@ def _inputs(N, fin, fout, r, in_max, out_max, dtype, fifo=False, bias=True, stri
     return x, W, b, A, B, ld, lb
 
 
-def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, fuse=False, wgrad=False):
+def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, base="cublas", wgrad=False):
     """Run the triton op, then judge output and gradients against float64 and against torch's own dtype error."""
     dtype = x.dtype
     fin = x.shape[-1]
     torch.manual_seed(1234)
-    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
-    try:
+    with base_gemm(base):
         y = vera_linear(x, W, b, A, B, ld, lb, dropout_p=p, training=True, fan_in_fan_out=fifo, backend="triton")
-    finally:
-        os.environ.pop("VERA_KERNELS_FUSE_BASE", None)
     keep = None
     if p > 0:
         torch.manual_seed(1234)
@@ -93,9 +102,9 @@ def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, fuse=False, wgrad=False)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
-def test_matches_float64(dtype, shape, fuse):
-    _check(*_inputs(*shape, dtype), fuse=fuse)
+@pytest.mark.parametrize("base", BASE_GEMMS)
+def test_matches_float64(dtype, shape, base):
+    _check(*_inputs(*shape, dtype), base=base)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -113,16 +122,16 @@ def test_layouts(dtype, variant):
     args = _inputs(37, 45, 29, 19, 50, 33, dtype, **kw)
     if kw.get("strided"):
         assert not args[0].is_contiguous()
-    _check(*args, fifo=fifo, wgrad=wgrad)
-    _check(*args, fifo=fifo, wgrad=wgrad, fuse=True)
+    for base in BASE_GEMMS:
+        _check(*args, fifo=fifo, wgrad=wgrad, base=base)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
-def test_dropout_mask_is_regenerated(dtype, fuse):
+@pytest.mark.parametrize("base", BASE_GEMMS)
+def test_dropout_mask_is_regenerated(dtype, base):
     """Forward and every gradient agree with the formula evaluated with the mask regenerated from the seed."""
     args = _inputs(70, 45, 29, 8, 50, 33, dtype)
-    y, keep = _check(*args, p=0.3, fuse=fuse)
+    y, keep = _check(*args, p=0.3, base=base)
     frac = keep.float().mean().item()
     assert 0.55 < frac < 0.85, frac  # Bernoulli(0.7) over 3150 elements
 
@@ -150,14 +159,11 @@ def test_dropout_mask_independent_of_tiling():
     assert not torch.equal(m1, m3)
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["cublas-base", "fused-base"])
-def test_zero_tokens(fuse):
+@pytest.mark.parametrize("base", BASE_GEMMS)
+def test_zero_tokens(base):
     x, W, b, A, B, ld, lb = _inputs(0, 45, 29, 8, 50, 33, torch.float32)
-    os.environ["VERA_KERNELS_FUSE_BASE"] = "1" if fuse else "0"
-    try:
+    with base_gemm(base):
         y = vera_linear(x, W, b, A, B, ld, lb, backend="triton")
-    finally:
-        os.environ.pop("VERA_KERNELS_FUSE_BASE")
     assert y.shape == (0, 29)
     gx, gld, glb = torch.autograd.grad(y.sum(), [x, ld, lb])
     assert gx.shape == x.shape and torch.equal(gld, torch.zeros_like(gld)) and torch.equal(glb, torch.zeros_like(glb))
@@ -193,16 +199,22 @@ def test_only_h_is_saved():
     assert total[0] == 64 * 19 * 2
 
 
-def test_fused_and_cublas_base_agree():
+def test_base_gemm_modes_agree():
     args = _inputs(70, 33, 65, 8, 33, 65, torch.float32)
-    ys = []
-    for fuse in ("0", "1"):
-        os.environ["VERA_KERNELS_FUSE_BASE"] = fuse
-        try:
-            ys.append(vera_linear(*args, backend="triton"))
-        finally:
-            os.environ.pop("VERA_KERNELS_FUSE_BASE")
-    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+    gy = torch.randn(70, 65, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for base in BASE_GEMMS:
+        with base_gemm(base):
+            y = vera_linear(*args, backend="triton")
+            outs.append([y] + list(torch.autograd.grad(y, [args[0], args[5], args[6]], gy)))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_base_gemm_mode_is_refused():
+    with base_gemm("cutlass"), pytest.raises(ValueError, match="VERA_KERNELS_BASE_GEMM"):
+        vera_linear(*_inputs(5, 33, 65, 8, 33, 65, torch.float32), backend="triton")
 
 
 def test_backend_resolution(monkeypatch):
@@ -219,17 +231,18 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
-def test_custom_ops_opcheck():
+@pytest.mark.parametrize("base", BASE_GEMMS)
+def test_custom_ops_opcheck(base):
     """Schema, fake (meta) implementations and dispatch of the registered ops agree with the real ones."""
     x, W, b, A, B, ld, lb = _inputs(37, 45, 29, 19, 50, 33, torch.float32)
     A_s, B_s = A[:, :45], B[:29]
     x, ld, lb = x.detach(), ld.detach(), lb.detach()
-    fwd_args = (x, W.detach(), b.detach(), None, A_s, B_s, ld, lb, None, 0.0, False, False)
+    fwd_args = (x, W.detach(), b.detach(), None, A_s, B_s, ld, lb, None, 0.0, False, base)
     torch.library.opcheck(torch.ops.vera_kernels.triton_vera_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor"))
     y, h = torch.ops.vera_kernels.triton_vera_fwd(*fwd_args)
     g = torch.randn_like(y)
-    bwd_args = (g, W.detach(), h, A_s, B_s, ld, lb, None, 0.0, False, True, True, False)
+    bwd_args = (g, W.detach(), h, A_s, B_s, ld, lb, None, 0.0, False, True, True, base)
     torch.library.opcheck(torch.ops.vera_kernels.triton_vera_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -166,12 +166,12 @@ def _drive(vt, dtype, M, K, N, r):
     seed = torch.tensor(7, dtype=torch.int64)
     h = torch.empty(M, r, **meta)
     for p in (0.0, 0.1):
-        for fuse in (False, True):
+        for base_gemm in vt.BASE_GEMMS:
             for b in (bias, None):
-                vt._fwd_impl(x, weight, b, None, A, B, ld, lb, seed, p, False, fuse)
-            vt._bwd_impl(g, weight, h, A, B, ld, lb, seed, p, False, True, True, fuse)
-        vt._fwd_impl(x, None, None, g, A, B, ld, lb, seed, p, False, False)  # base computed elsewhere (bnb)
-        vt._bwd_impl(g, None, h, A, B, ld, lb, seed, p, False, True, False, False)
+                vt._fwd_impl(x, weight, b, None, A, B, ld, lb, seed, p, False, base_gemm)
+            vt._bwd_impl(g, weight, h, A, B, ld, lb, seed, p, False, True, True, base_gemm)
+        vt._fwd_impl(x, None, None, g, A, B, ld, lb, seed, p, False, "cublas")  # base computed elsewhere (bnb)
+        vt._bwd_impl(g, None, h, A, B, ld, lb, seed, p, False, True, False, "cublas")
 
 
 # ============================================================================================ compiling

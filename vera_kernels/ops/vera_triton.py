@@ -13,8 +13,9 @@ Kernels:
                         forward: h = drop(x) A_s^T;  backward: gB = g diag(lambda_b) B_s -> dlambda_d, grad_h.
     _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V), K = r small.
                         forward: y += h R^T, R = diag(lambda_b) B_s diag(lambda_d) folded once per call by
-                        _scale_projection_kernel, or the whole y = x W^T + b + h R^T (base fused);
-                        backward: grad_x = g W (+) masked (grad_h A_s).
+                        _scale_projection_kernel; or y = b + h R^T for cuBLAS to accumulate x W^T into; or the
+                        whole y = x W^T + b + h R^T (base fused). See base_gemm_mode.
+                        backward: grad_x = g W (+) masked (grad_h A_s), in the same three arrangements.
     _vera_lambda_b_grad_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
                         one cuBLAS GEMM; never (N x out). dlambda_d = column sums of the down kernel's partials.
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast; a float32
@@ -390,19 +391,30 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch
     return out.bool()
 
 
-# ============================================================================================ fused-base policy
-def use_fused_base(M: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the base GEMM runs inside the up kernel (one pass over y) or stays cuBLAS (+ the in-place rank-r update).
+# ============================================================================================ base-GEMM policy
+ENV_BASE_GEMM = "VERA_KERNELS_BASE_GEMM"
+BASE_GEMMS = ("cublas", "cublas-accumulate", "triton")
 
-    Measured on an H100 (bench/results/, bf16, fwd+bwd GPU time): the fused Triton GEMM reaches ~590-700 TFLOP/s
-    against cuBLAS's ~760-785, which costs more than the (N x out) read-modify-write it saves, at 512 and 8192 tokens,
-    out = 4096 and 11008. So cuBLAS is the default everywhere; ``VERA_KERNELS_FUSE_BASE=1`` selects the fused kernel
-    (kept, tested, and re-measured by ``make gpu-check``).
+
+def base_gemm_mode(M: int, dtype: torch.dtype, device: torch.device) -> str:
+    """How the base GEMM (y = x W^T + b forward, grad_x = g W backward) meets the rank-r update:
+
+    - "cublas": cuBLAS writes the base; the up kernel read-modify-writes the rank-r update into it.
+    - "cublas-accumulate": the up kernel writes the rank-r update (and bias) first; cuBLAS then accumulates the base
+      GEMM into it (beta = 1), so the (N x out) read happens in cuBLAS's epilogue, overlapped with its main loop,
+      instead of in a separate memory-bound pass. Same bytes moved, one fewer standalone pass over y.
+    - "triton": the base GEMM runs inside the up kernel (one accumulator, one write of y).
+    Measured on an H100 (bench/results/, bf16, fwd+bwd GPU time): the Triton GEMM reaches ~590-700 TFLOP/s against
+    cuBLAS's ~760-785, which costs more than the pass it saves, at 512 and 8192 tokens, out = 4096 and 11008; so
+    "cublas" is the default. "cublas-accumulate" has not been measured on a GPU yet (``make gpu-check`` compares all
+    three); ``VERA_KERNELS_BASE_GEMM`` selects one.
     """
-    env = os.environ.get("VERA_KERNELS_FUSE_BASE")
-    if env in ("0", "1"):
-        return env == "1"
-    return False
+    env = os.environ.get(ENV_BASE_GEMM)
+    if env:
+        if env not in BASE_GEMMS:
+            raise ValueError(f"{ENV_BASE_GEMM}={env!r}: choose one of {BASE_GEMMS}")
+        return env
+    return "cublas"
 
 
 # ============================================================================================ custom ops
@@ -426,21 +438,27 @@ def _fwd_impl(
     seed: Optional[torch.Tensor],
     dropout_p: float,
     fan_in_fan_out: bool,
-    fuse_base: bool,
+    base_gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward."""
+    """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward.
+    ``base_gemm``: see base_gemm_mode."""
     cd = x.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     h, _ = vera_down(x, vera_A_s.to(cd).t(), seed=seed_i, p=dropout_p)
     R_kn = scale_projection(vera_B_s, lambda_b, lambda_d, cd).t()  # (r, out)
-    if weight is not None and fuse_base:
-        y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
-        vera_up(h, R_kn, y, xb=x, wb_kn=_weight_kn(weight, fan_in_fan_out, False), bias=bias)
-    elif weight is not None:
+    if weight is not None:
         w_kn = _weight_kn(weight, fan_in_fan_out, False)
-        y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
-        vera_up(h, R_kn, y, acc_in=y)
+        if base_gemm == "triton":
+            y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
+            vera_up(h, R_kn, y, xb=x, wb_kn=w_kn, bias=bias)
+        elif base_gemm == "cublas-accumulate":
+            y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
+            vera_up(h, R_kn, y, bias=bias)
+            y.addmm_(x, w_kn)
+        else:
+            y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
+            vera_up(h, R_kn, y, acc_in=y)
     else:
         y = torch.empty_like(base_out)
         vera_up(h, R_kn, y, acc_in=base_out)
@@ -460,7 +478,7 @@ def _bwd_impl(
     fan_in_fan_out: bool,
     need_x: bool,
     need_lambdas: bool,
-    fuse_base: bool,
+    base_gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_lambdas): grad_x in g's dtype, including the base's g W when ``weight`` is given; grad_lambdas
     = cat(dlambda_d, dlambda_b) in float32. Empty when not asked for."""
@@ -478,13 +496,16 @@ def _bwd_impl(
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     A_kn = vera_A_s.to(cd)  # (r, in)
     grad_x = torch.empty((g.shape[0], A_kn.shape[1]), device=g.device, dtype=cd)
-    if weight is not None and fuse_base and dropout_p == 0.0:
+    if weight is None:
+        vera_up(grad_h, A_kn, grad_x, seed=seed_i, p=dropout_p)
+    elif base_gemm == "triton" and dropout_p == 0.0:  # the mask applies to the rank-r part only: no fusing with it
         vera_up(grad_h, A_kn, grad_x, xb=g, wb_kn=_weight_kn(weight, fan_in_fan_out, True))
-    elif weight is not None:
+    elif base_gemm == "cublas-accumulate":
+        vera_up(grad_h, A_kn, grad_x, seed=seed_i, p=dropout_p)
+        grad_x.addmm_(g, _weight_kn(weight, fan_in_fan_out, True))
+    else:
         torch.mm(g, _weight_kn(weight, fan_in_fan_out, True), out=grad_x)
         vera_up(grad_h, A_kn, grad_x, acc_in=grad_x, seed=seed_i, p=dropout_p)
-    else:
-        vera_up(grad_h, A_kn, grad_x, seed=seed_i, p=dropout_p)
     return grad_x, grad_lambdas
 
 
@@ -494,14 +515,14 @@ triton_vera_bwd = torch.library.custom_op("vera_kernels::triton_vera_bwd", mutat
 
 
 @triton_vera_fwd.register_fake
-def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, fuse_base):
+def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, base_gemm):
     y = x.new_empty((x.shape[0], vera_B_s.shape[0])) if base_out is None else torch.empty_like(base_out)
     return y, x.new_empty((x.shape[0], vera_A_s.shape[0]))
 
 
 @triton_vera_bwd.register_fake
 def _(g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, need_x, need_lambdas,
-      fuse_base):
+      base_gemm):
     grad_x = g.new_empty((g.shape[0], vera_A_s.shape[1])) if need_x else g.new_empty((0,))
     n = vera_A_s.shape[0] + vera_B_s.shape[0] if need_lambdas else 0
     return grad_x, g.new_empty((n,), dtype=torch.float32)
@@ -527,14 +548,14 @@ class VeraLinearTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed,
-                fan_in_fan_out, fuse_base):
+                fan_in_fan_out, base_gemm):
         y, h = _call(triton_vera_fwd, _fwd_impl, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b,
-                     seed, dropout_p, fan_in_fan_out, fuse_base)
+                     seed, dropout_p, fan_in_fan_out, base_gemm)
         needs_w = weight is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(h, x if needs_w else None, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed)
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.fuse_base = fuse_base
+        ctx.base_gemm = base_gemm
         return y
 
     @staticmethod
@@ -543,7 +564,7 @@ class VeraLinearTritonFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
         grad_x, grad_lambdas = _call(
             triton_vera_bwd, _bwd_impl, g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, ctx.dropout_p,
-            ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.fuse_base,
+            ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.base_gemm,
         )
         r = lambda_d.shape[0]
         grad_w = grad_b = None
@@ -581,11 +602,10 @@ def vera_linear_triton(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     fan_in_fan_out: bool,
-    fuse_base: Optional[bool] = None,
+    base_gemm: Optional[str] = None,
 ) -> torch.Tensor:
-    if fuse_base is None:
-        fuse_base = weight is not None and use_fused_base(x.shape[0], x.dtype, x.device)
+    if base_gemm is None:
+        base_gemm = base_gemm_mode(x.shape[0], x.dtype, x.device) if weight is not None else "cublas"
     return VeraLinearTritonFunction.apply(
-        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out,
-        bool(fuse_base),
+        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out, base_gemm,
     )

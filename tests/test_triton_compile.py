@@ -76,10 +76,10 @@ def _broken_copy(tmp_path, old: str, new: str) -> Path:
 
 def test_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
     # a non-power-of-two block: the code generator rejects it
-    anchor = "offs_r = tl.arange(0, BLOCK_R)\n    o_mask"
+    anchor = "tl.arange(0, BLOCK_R)\n        k_mask"
     path = _broken_copy(tmp_path, anchor, anchor.replace("BLOCK_R)", "BLOCK_R + 1)"))
     res, rows = _run(tmp_path, "--module", str(path), "--arch", "90", "--dtypes", "bf16",
-                     "--kernels", "_vera_lambda_b_grad_kernel")
+                     "--kernels", "_vera_lambda_grads_kernel")
     assert res.returncode == 1, res.stdout + res.stderr
     assert rows["rows"] and not any(r["ok"] for r in rows["rows"])
     assert "FAIL" in res.stdout

@@ -16,8 +16,8 @@ Kernels:
                         _scale_projection_kernel; or y = b + h R^T for cuBLAS to accumulate x W^T into; or the
                         whole y = x W^T + b + h R^T (base fused). See base_gemm_mode.
                         backward: grad_x = g W (+) masked (grad_h A_s), in the same three arrangements.
-    _vera_lambda_b_grad_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
-                        one cuBLAS GEMM; never (N x out). dlambda_d = column sums of the down kernel's partials.
+    _vera_lambda_grads_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
+                        one cuBLAS GEMM, never (N x out); and dlambda_d = column sums of the down kernel's partials.
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast; a float32
 A given to the op is cast once per call), lambdas are float32 and folded into one (out, r) operand per call; every
 dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in the main loops.
@@ -204,25 +204,41 @@ def _vera_up_kernel(
 
 
 @triton.jit
-def _vera_lambda_b_grad_kernel(
-    G, B, LD, OUT, N_OUT, R,
-    stride_go, stride_gr, stride_bo, stride_br,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+def _vera_lambda_grads_kernel(
+    G, B, LD, PART, OUT,
+    N_OUT, R, N_TILES, N_O_PROGRAMS,
+    stride_go, stride_gr, stride_bo, stride_br, stride_pt,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """OUT[o] = sum_k G[o, k] B[o, k] LD[k]: dlambda_b from G = g^T h (one GEMM; never (N x out) elementwise).
-    One row block per program, a fixed summation order: deterministic."""
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_r = tl.arange(0, BLOCK_R)
-    o_mask = offs_o < N_OUT
-    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        cols = r0 + offs_r
-        mask = o_mask[:, None] & (cols < R)[None, :]
-        g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + cols[None, :] * stride_gr, mask=mask, other=0.0)
-        b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + cols[None, :] * stride_br, mask=mask, other=0.0)
-        ld = tl.load(LD + cols, mask=cols < R, other=0.0).to(tl.float32)
-        acc += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
-    tl.store(OUT + offs_o, acc, mask=o_mask)
+    """OUT[R + o] = sum_k G[o, k] B[o, k] LD[k]   (dlambda_b; G = g^T h from one GEMM, never (N x out) elementwise)
+    OUT[k]     = sum_t PART[t, k]               (dlambda_d: the down kernel's per-tile partials).
+    One launch for both; every program sums in a fixed order: deterministic.
+    The two branches share no variable: triton 3.6 rejects a name bound to blocks of different shapes in if/else."""
+    pid = tl.program_id(0)
+    if pid < N_O_PROGRAMS:
+        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = offs_o < N_OUT
+        acc_b = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            cols = r0 + tl.arange(0, BLOCK_R)
+            mask = o_mask[:, None] & (cols < R)[None, :]
+            g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + cols[None, :] * stride_gr, mask=mask,
+                        other=0.0)
+            b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + cols[None, :] * stride_br, mask=mask,
+                        other=0.0)
+            ld = tl.load(LD + cols, mask=cols < R, other=0.0).to(tl.float32)
+            acc_b += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
+        tl.store(OUT + R + offs_o, acc_b, mask=o_mask)
+    else:
+        offs_k = (pid - N_O_PROGRAMS) * BLOCK_R + tl.arange(0, BLOCK_R)
+        k_mask = offs_k < R
+        acc_d = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for t0 in range(0, N_TILES, BLOCK_T):
+            tiles = t0 + tl.arange(0, BLOCK_T)
+            part = tl.load(PART + tiles[:, None] * stride_pt + offs_k[None, :],
+                           mask=(tiles < N_TILES)[:, None] & k_mask[None, :], other=0.0)
+            acc_d += tl.sum(part, axis=0)
+        tl.store(OUT + offs_k, acc_d, mask=k_mask)
 
 
 # ============================================================================================ launchers
@@ -339,17 +355,17 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
 
 def vera_lambda_grads(g, h, B_s, lambda_d, partial_ld):
     """cat(dlambda_d, dlambda_b), float32: dlambda_b = rowsum(B_s * lambda_d * (g^T h)) with g^T h (out, r) from one
-    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's per-tile partials. Fixed order: deterministic."""
+    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's per-tile partials; one launch finalizes both."""
     n_out, R = B_s.shape
     G = g.t() @ h  # (out, r): the rank-r GEMM over tokens (cuBLAS beat a Triton split-K kernel 2.3x on an H100)
     out = torch.empty((R + n_out,), device=g.device, dtype=torch.float32)
-    torch.sum(partial_ld, dim=0, out=out[:R])
-    if n_out:
-        block_o = 64
-        _vera_lambda_b_grad_kernel[(_cdiv(n_out, block_o),)](
-            G, B_s, lambda_d, out[R:], n_out, R, G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1),
-            BLOCK_O=block_o, BLOCK_R=min(128, _pow2_at_least(R)),
-        )
+    block_o, block_r = 64, min(128, _pow2_at_least(R))
+    n_o_programs = _cdiv(n_out, block_o)
+    _vera_lambda_grads_kernel[(n_o_programs + _cdiv(R, block_r),)](
+        G, B_s, lambda_d, partial_ld, out, n_out, R, partial_ld.shape[0], n_o_programs,
+        G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1), partial_ld.stride(0),
+        BLOCK_O=block_o, BLOCK_R=block_r, BLOCK_T=16,
+    )
     return out
 
 

@@ -464,6 +464,7 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
     lb = torch.randn(fout, device=dev)
     h = x @ A.t()
     R = vt.scale_projection(B32, lb, ld, dt)
+    Bc = B32.to(dt)  # the cached compute-dtype cast a layer passes
     y = x @ W.t()
     gx = g @ W
     part = vt.vera_down(g, R, nscale=ld, h=h)[1]
@@ -471,12 +472,15 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
     cases = [
         ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, ld, dt), 0,
          lambda: (B32 * lb[:, None] * ld[None, :]).to(dt)),
-        ("fwd down: h = x A^T", lambda: vt.vera_down(x, A.t()), Nf * fin, lambda: x @ A.t()),
-        ("fwd up: y += h R^T", lambda: vt.vera_up(h, R.t(), y, acc_in=y), Nf * fout, lambda: y.addmm_(h, R.t())),
+        ("fwd down: h, h diag(ld) = x A^T", lambda: vt.vera_down(x, A.t(), scaled_copy=ld), Nf * fin,
+         lambda: x @ A.t()),
+        ("fwd up: y += h B^T diag(lb)", lambda: vt.vera_up(h, Bc.t(), y, acc_in=y, col_scale=lb), Nf * fout,
+         lambda: y.addmm_(h, R.t())),
         ("fwd up+base (fused)", lambda: vt.vera_up(h, R.t(), y, xb=x, wb_kn=W.t()), Nf * fout + Nr,
          lambda: torch.mm(x, W.t())),
         # "cublas-accumulate": the up kernel only writes y, then cuBLAS accumulates the base GEMM (beta = 1)
-        ("fwd up, write only: y = h R^T", lambda: vt.vera_up(h, R.t(), y), Nf * fout, lambda: torch.mm(h, R.t())),
+        ("fwd up, write only: y = h B^T diag(lb)", lambda: vt.vera_up(h, Bc.t(), y, col_scale=lb), Nf * fout,
+         lambda: torch.mm(h, R.t())),
         ("cuBLAS y += x W^T vs y = x W^T", lambda: y.addmm_(x, W.t()), Nr, lambda: torch.mm(x, W.t())),
         ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h), Nf * fout, lambda: g @ R),
         ("bwd lambdas: g^T h + finalize", lambda: vt.vera_lambda_grads(g, h, B32, ld, part), Nf * fout,
@@ -489,12 +493,12 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
     out = []
     print(f"\nKernel breakdown, bf16, tokens={tokens}, {fin}->{fout}, r={r} (cuBLAS/torch doing the same math; "
           "fused rows compare with the base GEMM alone)")
-    print(f"{'kernel':>28} {'triton ms':>10} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8}")
+    print(f"{'kernel':>40} {'triton ms':>10} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8}")
     for name, fn, flops, ref in cases:
         t_tr = do_bench(fn, warmup=10, rep=50, return_mode="median")
         t_ref = do_bench(ref, warmup=10, rep=50, return_mode="median")
         tf = lambda t: flops / (t * 1e-3) / 1e12 if flops else 0.0
-        print(f"{name:>28} {t_tr:10.4f} {tf(t_tr):8.1f} {t_ref:9.4f} {tf(t_ref):8.1f}")
+        print(f"{name:>40} {t_tr:10.4f} {tf(t_tr):8.1f} {t_ref:9.4f} {tf(t_ref):8.1f}")
         out.append(dict(kernel=name, triton_ms=t_tr, torch_ms=t_ref, flops=flops))
     return out
 

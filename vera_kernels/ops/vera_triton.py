@@ -89,17 +89,19 @@ def _scale_projection_kernel(B, LB, LD, OUT, N_OUT, R, stride_bo, stride_br, HAS
 
 @triton.jit(do_not_specialize=["seed"])
 def _vera_down_kernel(
-    X, W, OUT, NSCALE, H, PART,
+    X, W, OUT, NSCALE, SCALED_OUT, H, PART,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
     seed, p, drop_scale,
-    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_SCALED_OUT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C = drop(X) W (X (M, K), W read as (K, N), N = r): OUT = C diag(NSCALE); PART[pid_m] = sum_m C * H.
+    """C = drop(X) W (X (M, K), W read as (K, N), N = r): OUT = C [diag(NSCALE)]; SCALED_OUT = C diag(NSCALE) (a
+    second output, same strides as OUT); PART[pid_m] = sum_m C * H.
 
-    forward:  h = drop(x) A_s^T.   backward: gB = g (lambda_b B_s) -> PART = dlambda_d, OUT = grad_h = gB lambda_d.
+    forward:  OUT = h = drop(x) A_s^T (saved), SCALED_OUT = h diag(lambda_d) (the up kernel's operand).
+    backward: gB = g (lambda_b B_s) -> PART = dlambda_d, OUT = grad_h = gB lambda_d.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -128,28 +130,33 @@ def _vera_down_kernel(
     if HAS_PARTIAL:
         h = tl.load(H + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mn_mask, other=0.0)
         tl.store(PART + pid_m * stride_pm + offs_n, tl.sum(acc * h.to(tl.float32), axis=0), mask=n_mask)
-    if HAS_NSCALE:
+    out_offs = rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    if HAS_SCALED_OUT or HAS_NSCALE:
         ns = tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc = acc * ns[None, :]
-    out_ptrs = OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mn_mask)
+        if HAS_SCALED_OUT:
+            tl.store(SCALED_OUT + out_offs, (acc * ns[None, :]).to(SCALED_OUT.dtype.element_ty), mask=mn_mask)
+        if HAS_NSCALE:
+            acc = acc * ns[None, :]
+    tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mn_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _vera_up_kernel(
-    HH, V, OUT, ACC_IN, XB, WB, BIAS,
+    HH, V, OUT, ACC_IN, XB, WB, BIAS, COL_SCALE,
     M, N, K, KB,
     stride_hm, stride_hk, stride_vk, stride_vn, stride_om, stride_on, stride_am, stride_an,
     stride_xbm, stride_xbk, stride_wbk, stride_wbn,
     seed, p, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """OUT = [ACC_IN +] [XB WB + BIAS +] drop(HH V), V and WB read as (K, N); K = r is small.
+    """OUT = [ACC_IN +] [XB WB + BIAS +] drop(HH V) [diag(COL_SCALE)], V and WB read as (K, N); K = r is small.
+    COL_SCALE scales the rank-r product only (never with the fused base).
 
-    forward:  y += h R^T with R = diag(lambda_b) B_s diag(lambda_d), or y = x W^T + b + h R^T in one pass (the base
-              GEMM fused: one accumulator, one write of y).
+    forward:  y += (h diag(lambda_d)) B_s^T diag(lambda_b): lambda_d folded into h by the down kernel, lambda_b
+              applied in this epilogue; or, base fused, y = x W^T + b + h R^T with R = diag(lambda_b) B_s
+              diag(lambda_d) (one accumulator, one write of y).
     backward: grad_x = g W + drop(grad_h A_s) (the mask applies to the rank-r part, so dropout is never combined
               with the fused base).
     """
@@ -194,6 +201,8 @@ def _vera_up_kernel(
         acc = acc + tl.where(keep, acc_r * drop_scale, 0.0)
     else:
         acc = acc_r
+    if HAS_COL_SCALE:  # HAS_BASE is off: acc holds only the rank-r product here
+        acc = acc * tl.load(COL_SCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACCUMULATE:
@@ -302,44 +311,50 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     raise ValueError(kind)
 
 
-def vera_down(x, w_kn, *, nscale=None, h=None, seed=0, p=0.0):
-    """(C diag(nscale), partials): C (M, N) = drop(x) W with W given as a (K, N) view; with ``h``, also the per-tile
-    partials (num_m_tiles, N) of sum_m C * h (float32), else None."""
+def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
+    """(C [diag(nscale)], partials, C diag(scaled_copy)): C (M, N) = drop(x) W with W given as a (K, N) view; with
+    ``h``, also the per-tile partials (num_m_tiles, N) of sum_m C * h (float32), else None; with ``scaled_copy`` (a
+    column scale), also C diag(scaled_copy) from the same accumulator, else None."""
     M, K = x.shape
     N = w_kn.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    scaled = torch.empty_like(out) if scaled_copy is not None else None
     cfg = _config("down", M, N, K, x.dtype, x.device, p > 0)
     n_mtiles = _cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32) if h is not None else None
     if M == 0:
-        return out, part
+        return out, part, scaled
+    assert nscale is None or scaled_copy is None, "one column scale per launch"
     _vera_down_kernel[(n_mtiles, _cdiv(N, cfg["BLOCK_N"]))](
-        x, w_kn, out, nscale if nscale is not None else out, h if h is not None else out,
-        part if part is not None else out,
+        x, w_kn, out, nscale if nscale is not None else (scaled_copy if scaled_copy is not None else out),
+        scaled if scaled is not None else out, h if h is not None else out, part if part is not None else out,
         M, N, K,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),
         h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
         part.stride(0) if part is not None else 0,
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
-        HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_PARTIAL=h is not None,
-        ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
+        HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_SCALED_OUT=scaled is not None,
+        HAS_PARTIAL=h is not None, ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
         **cfg,
     )
-    return out, part
+    return out, part, scaled
 
 
-def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=0, p=0.0):
-    """OUT = [acc_in +] [xb WB + bias +] drop(hh V), V and WB given as (K, N) views. ``acc_in`` may be ``out``."""
+def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_scale=None, seed=0, p=0.0):
+    """OUT = [acc_in +] [xb WB + bias +] drop(hh V) [diag(col_scale)], V and WB given as (K, N) views. ``acc_in``
+    may be ``out``; ``col_scale`` scales the rank-r product only and is not combined with ``xb``."""
     M, K = hh.shape
     N = v_kn.shape[1]
     if M == 0 or N == 0:
         return out
+    assert col_scale is None or xb is None, "the column scale applies to the rank-r product alone"
     KB = xb.shape[1] if xb is not None else 0
     cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
     grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]))
     _vera_up_kernel[grid](
         hh, v_kn, out, acc_in if acc_in is not None else out,
         xb if xb is not None else out, wb_kn if wb_kn is not None else out, bias if bias is not None else out,
+        col_scale if col_scale is not None else out,
         M, N, K, KB,
         hh.stride(0), hh.stride(1), v_kn.stride(0), v_kn.stride(1), out.stride(0), out.stride(1),
         acc_in.stride(0) if acc_in is not None else 0, acc_in.stride(1) if acc_in is not None else 0,
@@ -347,7 +362,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
         wb_kn.stride(0) if wb_kn is not None else 0, wb_kn.stride(1) if wb_kn is not None else 0,
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None, HAS_DROPOUT=p > 0,
-        ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31, PRECISION=_precision(hh.dtype),
+        HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31, PRECISION=_precision(hh.dtype),
         **cfg,
     )
     return out
@@ -456,28 +471,35 @@ def _fwd_impl(
     fan_in_fan_out: bool,
     base_gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward.
-    ``base_gemm``: see base_gemm_mode."""
+    """(y, h): y = base + (h diag(lambda_d)) B_s^T diag(lambda_b); h = drop(x) A_s^T, saved for backward.
+    ``base_gemm``: see base_gemm_mode.
+
+    Three launches besides the base GEMM's: the down kernel writes h and h diag(lambda_d) from one accumulator, the
+    up kernel reads B_s as it is and applies lambda_b in its epilogue. Only the fused-base arrangement, whose
+    accumulator also holds x W^T, folds the lambdas into one (out, r) operand first (scale_projection)."""
     cd = x.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
-    h, _ = vera_down(x, vera_A_s.to(cd).t(), seed=seed_i, p=dropout_p)
-    R_kn = scale_projection(vera_B_s, lambda_b, lambda_d, cd).t()  # (r, out)
-    if weight is not None:
-        w_kn = _weight_kn(weight, fan_in_fan_out, False)
-        if base_gemm == "triton":
-            y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
-            vera_up(h, R_kn, y, xb=x, wb_kn=w_kn, bias=bias)
-        elif base_gemm == "cublas-accumulate":
-            y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
-            vera_up(h, R_kn, y, bias=bias)
-            y.addmm_(x, w_kn)
-        else:
-            y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
-            vera_up(h, R_kn, y, acc_in=y)
-    else:
+    fused = weight is not None and base_gemm == "triton"
+    h, _, h_ld = vera_down(x, vera_A_s.to(cd).t(), scaled_copy=None if fused else lambda_d, seed=seed_i, p=dropout_p)
+    n_out = vera_B_s.shape[0]
+    if fused:
+        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
+        R_kn = scale_projection(vera_B_s, lambda_b, lambda_d, cd).t()  # (r, out)
+        vera_up(h, R_kn, y, xb=x, wb_kn=_weight_kn(weight, fan_in_fan_out, False), bias=bias)
+        return y, h
+    B_kn = vera_B_s.to(cd).t()  # (r, out) view; the layer passes a cached cast
+    if weight is None:
         y = torch.empty_like(base_out)
-        vera_up(h, R_kn, y, acc_in=base_out)
+        vera_up(h_ld, B_kn, y, acc_in=base_out, col_scale=lambda_b)
+    elif base_gemm == "cublas-accumulate":
+        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
+        vera_up(h_ld, B_kn, y, bias=bias, col_scale=lambda_b)
+        y.addmm_(x, _weight_kn(weight, fan_in_fan_out, False))
+    else:
+        w_kn = _weight_kn(weight, fan_in_fan_out, False)
+        y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
+        vera_up(h_ld, B_kn, y, acc_in=y, col_scale=lambda_b)
     return y, h
 
 
@@ -502,7 +524,7 @@ def _bwd_impl(
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     Bl = scale_projection(vera_B_s, lambda_b, None, cd)  # diag(lambda_b) B_s, (out, r)
     # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
-    grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
+    grad_h, part_ld, _ = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
         grad_lambdas = vera_lambda_grads(g, h, vera_B_s, lambda_d, part_ld)
     else:

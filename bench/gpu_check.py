@@ -197,16 +197,18 @@ def phase_a_worker(dtype_name: str, smoke: bool, out_path: str):
         json.dump(results, f)
 
 
-def big_offsets_check():
-    """A > 2**31-element input and output: 64-bit offsets (forward and backward, rows sampled against torch)."""
+def big_offsets_check(smoke: bool = False):
+    """A > 2**31-element input and output: 64-bit offsets (forward and backward, rows sampled against torch).
+    ``smoke``: the same code on a tiny float32 input on the CPU (interpreter), to keep this function working."""
     import torch
 
     from vera_kernels.ops import vera_linear
 
-    dev = torch.device("cuda")
-    N, fin, fout, r = 2**19 + 3, 4096 + 8, 4096 + 8, 16  # x and y: > 2**31 elements each
-    x = torch.randn(N, fin, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    W = (torch.randn(fout, fin, device=dev) * fin**-0.5).to(torch.bfloat16)
+    dev = torch.device("cpu" if smoke else "cuda")
+    dt = torch.float32 if smoke else torch.bfloat16
+    N, fin, fout, r = (37, 45, 29, 8) if smoke else (2**19 + 3, 4096 + 8, 4096 + 8, 16)  # > 2**31 elements each
+    x = torch.randn(N, fin, device=dev, dtype=dt, requires_grad=True)
+    W = (torch.randn(fout, fin, device=dev) * fin**-0.5).to(dt)
     A = torch.randn(r, fin, device=dev) * 0.03
     B = torch.randn(fout, r, device=dev) * 0.3
     ld = torch.randn(r, device=dev, requires_grad=True)
@@ -447,14 +449,21 @@ def print_layer_table(rows):
                   f"{gms} {xb:7.3f} {sp:7.2f} {r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / lim:13.2f} {peak}")
 
 
-def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256):
-    """Each Triton kernel against the cuBLAS call doing the same math, bf16, at one issue shape."""
+def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256, smoke=False):
+    """Each Triton kernel against the cuBLAS call doing the same math, bf16, at one issue shape.
+    ``smoke``: tiny shapes in fp16 on the CPU (interpreter), one timed call each: keeps every case's code working."""
     import torch
-    from triton.testing import do_bench
 
     from vera_kernels.ops import vera_triton as vt
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    if smoke:
+        def do_bench(fn, **_):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        from triton.testing import do_bench
+    dev, dt = (torch.device("cpu"), torch.float16) if smoke else (torch.device("cuda"), torch.bfloat16)
     x = torch.randn(tokens, fin, device=dev, dtype=dt)
     g = torch.randn(tokens, fout, device=dev, dtype=dt)
     W = torch.randn(fout, fin, device=dev, dtype=dt) * fin**-0.5
@@ -555,6 +564,12 @@ def main():
             extra[name]["s"] = round(time.time() - t0, 1)
             torch.cuda.empty_cache()
     else:
+        for name, fn in (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
+                         ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True))))):
+            try:
+                extra[name] = fn()
+            except Exception as exc:
+                extra[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
         try:
             extra["compile"] = compile_check("cpu")
         except Exception as exc:

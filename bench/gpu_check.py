@@ -9,7 +9,9 @@ Phases
      three base-GEMM arrangements (cuBLAS then update, update then cuBLAS accumulating, fused Triton GEMM),
      deterministic and atomic reductions. Each error is judged against PyTorch's own error
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
-     Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer.
+     Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer, and (in a
+     fourth process, which JIT-builds the C++/CUDA extension) the native dequantization kernels against the
+     PyTorch path bit for bit on CUDA (tests/dequant_crosscheck.py; the GPU image has no bitsandbytes).
   B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (three base arrangements), at
      the issue's shapes; fwd+bwd time (CUDA events via triton.testing.do_bench, medians, implementations alternated,
      inputs rotated), saved activation bytes, peak memory.
@@ -175,6 +177,34 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
         rows_out.append(dict(tensor=name, err=err, torch_err=base_err, tol=tol, finite=finite, ok=passed))
     os.environ.pop(ENV_BASE_GEMM, None)
     return ok, rows_out
+
+
+def dequant_worker(smoke: bool, out_path: str):
+    """The native dequantization kernels (built here, JIT) against the PyTorch path, bit for bit, on CUDA (the CPU in
+    the smoke run): tests/dequant_crosscheck.py, which needs no bitsandbytes. Run in its own process (the build)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from dequant_crosscheck import check_4bit, check_int8, count_cases
+
+    from vera_kernels.quant import _native
+
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    t0 = time.time()
+    res = dict(device=device)
+    try:
+        if _native.get_native() is None or not _native.native_supports(device):
+            res.update(ok=False, error=f"native extension has no {device} kernels: {_native.native_status()}")
+        else:
+            res["build_s"] = round(time.time() - t0, 1)
+            errors = check_4bit(device) + check_int8(device)
+            res.update(ok=not errors, cases=count_cases(), mismatches=len(errors), first=errors[:3],
+                       status=_native.native_status())
+    except Exception as exc:
+        res.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
+    res["s"] = round(time.time() - t0, 1)
+    with open(out_path, "w") as f:
+        json.dump(res, f)
 
 
 def phase_a_worker(dtype_name: str, smoke: bool, out_path: str):
@@ -517,6 +547,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
     ap.add_argument("--phase-a-worker", nargs=2, metavar=("DTYPE", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--dequant-worker", metavar="OUT", help=argparse.SUPPRESS)
+    ap.add_argument("--dequant-timeout", type=int, default=240, help="seconds for building and checking dequant")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--model-timeout", type=int, default=150)
     args = ap.parse_args()
@@ -524,6 +556,9 @@ def main():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.phase_a_worker:
         phase_a_worker(args.phase_a_worker[0], args.cpu_smoke, args.phase_a_worker[1])
+        return 0
+    if args.dequant_worker:
+        dequant_worker(args.cpu_smoke, args.dequant_worker)
         return 0
 
     import torch
@@ -553,6 +588,10 @@ def main():
         if args.cpu_smoke:
             cmd.insert(2, "--cpu-smoke")
         procs.append((dt, path, subprocess.Popen(cmd, cwd=ROOT)))
+    dq_path = os.path.join(out_dir, "gpu_check_dequant.json")
+    dq_cmd = [sys.executable, os.path.abspath(__file__), "--dequant-worker", dq_path] + (["--cpu-smoke"] if args.cpu_smoke
+                                                                                      else [])
+    dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT)  # builds the extension while phase A runs
     extra = {}
     if torch.cuda.is_available() and not args.cpu_smoke:
         for name, fn in (("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)):
@@ -582,6 +621,15 @@ def main():
                 results += json.load(f)
         except Exception as exc:
             results.append(dict(case="(worker)", dtype=dt, ok=False, error=f"worker rc={rc}: {exc}"))
+    try:
+        dq_proc.wait(timeout=max(1, args.dequant_timeout - (time.time() - t_start)))
+        with open(dq_path) as f:
+            extra["dequant"] = json.load(f)
+    except subprocess.TimeoutExpired:
+        dq_proc.kill()
+        extra["dequant"] = dict(ok=False, error=f"timed out after {args.dequant_timeout} s (build + check)")
+    except Exception as exc:
+        extra["dequant"] = dict(ok=False, error=f"worker rc={dq_proc.returncode}: {exc}")
     report["correctness"] = results
     report["extra_checks"] = extra
     n_ok = sum(r["ok"] for r in results)

@@ -1,7 +1,7 @@
 """`make gpu-check` runs on the rare lent GPU, so a broken script costs device time we cannot get back: its
 --cpu-smoke mode runs the same code paths (every correctness case kind, each base-GEMM arrangement, torch.compile, the
-64-bit-offsets check and the per-kernel breakdown on tiny inputs, the layer table) through the Triton interpreter,
-here, on every CI run."""
+64-bit-offsets check and the per-kernel breakdown on tiny inputs, the native-dequantization cross-check on the CPU,
+the layer table) through the Triton interpreter, here, on every CI run."""
 
 from __future__ import annotations
 
@@ -28,6 +28,6 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for case in ("odd-cublas-accumulate", "odd-fused", "dropout-cublas-accumulate"):
         assert case in out, f"case {case} not run\n{out[-4000:]}"
     assert "triton-cublas" in out, out[-4000:]  # the layer table ran the triton backend
-    for check in ("offsets64-smoke", "breakdown-smoke", "compile"):  # the GPU-only checks' code, on tiny shapes
+    for check in ("offsets64-smoke", "breakdown-smoke", "compile", "dequant"):  # GPU-only checks, tiny inputs
         assert f"{check}  ok" in out, f"{check} did not pass\n{out[-4000:]}"
     assert (tmp_path / "gpu_check.json").exists()

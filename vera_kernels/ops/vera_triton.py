@@ -9,18 +9,24 @@ Math (x: (N, in), A_s = A[:, :in] (r, in), B_s = B[:out] (out, r), m the dropout
     y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
 Kernels:
     _vera_down_kernel   C = X W (X (M, K) row tiles, W read as (K, N)), dropout on X fused, optional column
-                        scale, optional partial of sum_m C*H (grad lambda_d) in the epilogue.
-                        forward: h = drop(x) A_s^T;  backward: gB = g diag(lambda_b) B_s -> dlambda_d, grad_h.
-    _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V), K = r small.
-                        forward: y += h R^T, R = diag(lambda_b) B_s diag(lambda_d) folded once per call by
-                        _scale_projection_kernel; or y = b + h R^T for cuBLAS to accumulate x W^T into; or the
-                        whole y = x W^T + b + h R^T (base fused). See base_gemm_mode.
-                        backward: grad_x = g W (+) masked (grad_h A_s), in the same three arrangements.
+                        scale (of the output, or of a second output), optional partial of sum_m C*H (grad lambda_d)
+                        in the epilogue.
+                        forward: h = drop(x) A_s^T and h diag(lambda_d);
+                        backward: gB = g diag(lambda_b) B_s -> dlambda_d partials, grad_h = gB diag(lambda_d).
+    _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V) [diag(col)], K = r small.
+                        forward: y += (h diag(lambda_d)) B_s^T diag(lambda_b), lambda_b in the epilogue; or
+                        y = b + (...) for cuBLAS to accumulate x W^T into; or the whole y = x W^T + b + h R^T with
+                        R = diag(lambda_b) B_s diag(lambda_d) folded by _scale_projection_kernel (base fused).
+                        See base_gemm_mode. backward: grad_x = g W (+) masked (grad_h A_s), same arrangements.
+    _scale_projection_kernel  diag(lambda_b) B_s [diag(lambda_d)] as one small (out, r) operand (backward's down
+                        kernel; the fused base).
     _vera_lambda_grads_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
                         one cuBLAS GEMM, never (N x out); and dlambda_d = column sums of the down kernel's partials.
-A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast; a float32
-A given to the op is cast once per call), lambdas are float32 and folded into one (out, r) operand per call; every
-dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in the main loops.
+Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 4 Triton + 2 cuBLAS (g^T h, g W).
+A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
+float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
+small operand; every dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in
+the main loops.
 """
 
 from __future__ import annotations
@@ -362,7 +368,8 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
         wb_kn.stride(0) if wb_kn is not None else 0, wb_kn.stride(1) if wb_kn is not None else 0,
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None, HAS_DROPOUT=p > 0,
-        HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31, PRECISION=_precision(hh.dtype),
+        HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31,
+        PRECISION=_precision(hh.dtype),
         **cfg,
     )
     return out
@@ -474,8 +481,8 @@ def _fwd_impl(
     """(y, h): y = base + (h diag(lambda_d)) B_s^T diag(lambda_b); h = drop(x) A_s^T, saved for backward.
     ``base_gemm``: see base_gemm_mode.
 
-    Three launches besides the base GEMM's: the down kernel writes h and h diag(lambda_d) from one accumulator, the
-    up kernel reads B_s as it is and applies lambda_b in its epilogue. Only the fused-base arrangement, whose
+    Two Triton launches besides the base GEMM: the down kernel writes h and h diag(lambda_d) from one accumulator,
+    the up kernel reads B_s as it is and applies lambda_b in its epilogue. Only the fused-base arrangement, whose
     accumulator also holds x W^T, folds the lambdas into one (out, r) operand first (scale_projection)."""
     cd = x.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely

@@ -224,3 +224,34 @@ def test_table_shows_machine_ratios_and_na(quick):
     assert "fwd+bwd/PEFT" in text and "saved/PEFT" in text
     if HAS_PEFT:
         assert "training run" in text and "max |loss - peft|" in text
+
+
+def test_gpu_only_column_on_cpu_is_null_with_a_note(quick):
+    _, res, _ = quick
+    for row in res["results"]:
+        assert row["gpu_fwdbwd_ms"] is None
+        if row["available"] and row["kind"] != "train":
+            assert row["gpu_note"] == "CUDA only"
+    assert "GPU fwd+bwd" not in format_table(res)
+
+
+def test_gpu_only_column_renders_and_its_ratios_validate(quick):
+    """What a CUDA run adds (CUDA-graph replay times), simulated on the CPU results: ratios derived, schema
+    valid, columns shown; a wrong one is caught."""
+    from vera_kernels.bench.report import add_ratios
+
+    _, res, _ = quick
+    sim = copy.deepcopy(res)
+    for n, row in enumerate(sim["results"]):
+        if row["available"] and row["kind"] != "train":
+            row["gpu_fwdbwd_ms"], row["gpu_note"] = 0.5 + n * 0.01, None
+    add_ratios(sim["results"])
+    assert validate_results(sim) == []
+    text = format_table(sim)
+    assert "GPU fwd+bwd ms" in text and "GPU/PEFT" in text and "CUDA graph" in text
+    row = next(r for r in sim["results"] if r["ratio_vs_base"].get("gpu_fwdbwd_ms") and r["impl"] != "base")
+    row["ratio_vs_base"]["gpu_fwdbwd_ms"] *= 2
+    assert any("gpu_fwdbwd_ms" in e for e in validate_results(sim))
+    bad = copy.deepcopy(sim)
+    next(r for r in bad["results"] if r["gpu_fwdbwd_ms"])["gpu_fwdbwd_ms"] = -1.0
+    assert any("gpu_fwdbwd_ms" in e for e in validate_results(bad))

@@ -52,6 +52,8 @@ Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")
           "fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms": float|null (medians; train rows: step_ms only),
           "tokens_per_s": float|null (= tokens / step_ms),
           "saved_bytes": int|null, "peak_bytes": int|null, "peak_kind": "rss_delta"|"cuda_alloc_delta",
+          "gpu_fwdbwd_ms": float|null (CUDA: one fwd+bwd replayed from a CUDA graph, GPU time only, no host
+                           overhead), "gpu_note": str|null (why gpu_fwdbwd_ms is null),
           "timing": str, "repeats": int (timed rounds),
           "spread": {metric: {"q1", "q3", "min", "max"}},
           "ratio_vs_peft": {metric: float}, "ratio_vs_base": {metric: float},

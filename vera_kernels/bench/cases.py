@@ -25,6 +25,7 @@ class RunCtx:
     tick: Callable[[int], None]
     peak_kind: str
     timing: str
+    graph: bool = True  # CUDA: also time each fwd+bwd as a CUDA-graph replay (GPU time only)
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -47,7 +48,8 @@ def _row(case: str, kind: str, impl: str, dtype: str, tokens: int, r: Optional[i
         "available": reason is None and (m is None or m.error is None),
         "reason": reason if reason is not None else (m.error if m is not None else None),
         "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None, "step_ms": None, "tokens_per_s": None,
-        "saved_bytes": None, "peak_bytes": None, "peak_kind": ctx.peak_kind, "timing": ctx.timing,
+        "saved_bytes": None, "peak_bytes": None, "gpu_fwdbwd_ms": None, "gpu_note": None,
+        "peak_kind": ctx.peak_kind, "timing": ctx.timing,
         "adapter": _adapter(impl, r), "repeats": 0, "spread": {},
         "ratio_vs_peft": {}, "ratio_vs_base": {},
     }
@@ -61,6 +63,8 @@ def _row(case: str, kind: str, impl: str, dtype: str, tokens: int, r: Optional[i
             row["tokens_per_s"] = tokens / (row["step_ms"] / 1e3)
         row["saved_bytes"] = m.saved_bytes
         row["peak_bytes"] = m.peak_bytes
+        row["gpu_fwdbwd_ms"] = m.gpu_fwdbwd_ms
+        row["gpu_note"] = m.gpu_note
         if row["repeats"] == 0:
             row["available"] = False
             row["reason"] = "no timed round completed"
@@ -96,7 +100,7 @@ def layer_cases(shapes, tokens: int, r: int, dtype_name: str, impls: list[str], 
             params = I.trainable(layer)
             workloads.append(_layer_workload(impl, layer, variant, params, xs, gs))
         measured = run_alternating(workloads, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS,
-                                   ctx.tick)
+                                   ctx.tick, graph=ctx.graph)
         for impl in impls:
             if impl in measured:
                 rows.append(_row(case, "layer", impl, dtype_name, tokens, r, shape, ctx, m=measured[impl]))
@@ -155,7 +159,8 @@ def model_case(preset, dtype_name: str, r: int, impls: list[str], reasons: dict,
         except Exception as exc:
             build_err[impl] = f"could not build: {type(exc).__name__}: {exc}"[:160]
             free_memory(dev)
-    measured = run_alternating(workloads, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick)
+    measured = run_alternating(workloads, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick,
+                               graph=ctx.graph)
     for impl in impls:
         if impl in measured:
             row = _row(case, "model", impl, dtype_name, preset.tokens, r, shape, ctx, m=measured[impl])

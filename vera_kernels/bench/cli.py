@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="write a PNG: speedup and memory vs PEFT against tokens and r")
     p.add_argument("--quick", action="store_true", help="a fast smoke run (< 30 s on a 2-core CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
+    p.add_argument("--no-graph", action="store_true",
+                   help="CUDA: skip timing each fwd+bwd as a CUDA-graph replay (the GPU-only column)")
     return p
 
 
@@ -245,6 +247,7 @@ def _train_row(s: dict, case: str, r: int, tokens: int, ctx: RunCtx) -> dict:
         "case": case, "kind": "train", "impl": s["impl"], "dtype": "fp32", "tokens": tokens, "r": r,
         "shape": "", "available": True, "reason": None, "fwd_ms": None, "bwd_ms": None, "fwdbwd_ms": None,
         "step_ms": s["step_ms"], "tokens_per_s": s["tokens_per_s"], "saved_bytes": None, "peak_bytes": None,
+        "gpu_fwdbwd_ms": None, "gpu_note": "not measured for training runs",
         "peak_kind": ctx.peak_kind, "timing": "time.perf_counter around each synchronized step",
         "adapter": {"type": "vera", "r": r}, "repeats": s["repeats"], "spread": s["spread"],
         "ratio_vs_peft": {}, "ratio_vs_base": {},
@@ -277,7 +280,8 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
           f"torch {torch.__version__}", file=sys.stderr, flush=True)
     cases = list(args.cases)
     progress = make_progress(_estimate(plan, cases), enabled=not args.no_progress)
-    ctx = RunCtx(dev, args.seed, plan["time_cap"], P.MIN_ROUNDS, progress.advance, peak_kind, timing)
+    ctx = RunCtx(dev, args.seed, plan["time_cap"], P.MIN_ROUNDS, progress.advance, peak_kind, timing,
+                 graph=not args.no_graph)
     rows: list[dict] = []
     training, training_skipped = None, None
     dequant, dequant_skipped = None, None

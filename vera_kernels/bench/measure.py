@@ -313,11 +313,51 @@ class Measured:
     times: dict = field(default_factory=dict)  # key -> list of ms
     saved_bytes: Optional[int] = None
     peak_bytes: Optional[int] = None
+    gpu_fwdbwd_ms: Optional[float] = None  # CUDA only: one fwd+bwd replayed from a CUDA graph (no host overhead)
+    gpu_note: Optional[str] = None  # why gpu_fwdbwd_ms is missing
+
+
+def graph_fwdbwd_ms(w: Workload, device: torch.device, replays: int = 10) -> float:
+    """GPU time of one forward+backward of ``w`` (input 0) captured in a CUDA graph and replayed: what the step
+    costs when the host (Python, dispatch, kernel launches) is out of the picture, as with CUDA graphs in training
+    or a host fast enough to keep the GPU fed. Median of ``replays`` replays timed with CUDA events (L2 not
+    flushed). The capture follows PyTorch's whole-network recipe: warm-up on a side stream, gradients allocated
+    inside the capture from the graph's pool."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            w.zero()
+            out = w.forward(0)
+            w.backward(out, 0)
+            del out
+    torch.cuda.current_stream(device).wait_stream(side)
+    w.zero()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = w.forward(0)
+            w.backward(out, 0)
+            del out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(replays + 2):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times[2:])
+    finally:
+        del graph
+        w.zero()
 
 
 def run_alternating(workloads: list[Workload], device: torch.device, warmup: int, repeats: int,
-                    time_cap_s: float, min_rounds: int, n_inputs: int, tick: Callable[[int], None]) -> dict:
-    """Measure every workload: warm-up round, memory pass, more warm-up, then alternated timed rounds.
+                    time_cap_s: float, min_rounds: int, n_inputs: int, tick: Callable[[int], None],
+                    graph: bool = True) -> dict:
+    """Measure every workload: warm-up round, memory pass, more warm-up, then alternated timed rounds, then (CUDA,
+    ``graph``) one CUDA-graph replay timing per workload.
 
     ``tick(n)`` advances the progress display by n iterations. Returns impl -> Measured. A workload that raises is
     recorded with its error and leaves the rotation; the others go on.
@@ -406,6 +446,19 @@ def run_alternating(workloads: list[Workload], device: torch.device, warmup: int
             w.zero()
         except Exception:
             pass
+    # 5) CUDA: each implementation's fwd+bwd as GPU time only (a CUDA-graph replay), after the timed rounds so that a
+    #    capture that fails cannot disturb them
+    if device.type == "cuda" and graph:
+        for w in alive:
+            try:
+                res[w.impl].gpu_fwdbwd_ms = graph_fwdbwd_ms(w, device)
+            except Exception as exc:  # not capturable (host syncs, CPU tensors, ...): reported, not fatal
+                res[w.impl].gpu_note = "not capturable in a CUDA graph: " + _short_error(exc)
+                torch.cuda.synchronize(device)
+                free_memory(device)
+    else:
+        for w in alive:
+            res[w.impl].gpu_note = "CUDA only" if device.type != "cuda" else "not measured (--no-graph)"
     return res
 
 

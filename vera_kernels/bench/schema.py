@@ -15,6 +15,7 @@ ROW_KEYS = {
     "fwdbwd_ms": (float, type(None)), "step_ms": (float, type(None)), "tokens_per_s": (float, type(None)),
     "saved_bytes": (int, type(None)), "peak_bytes": (int, type(None)), "peak_kind": str, "timing": str,
     "adapter": dict, "repeats": int, "spread": dict, "ratio_vs_peft": dict, "ratio_vs_base": dict,
+    "gpu_fwdbwd_ms": (float, type(None)), "gpu_note": (str, type(None)),
 }
 MACHINE_KEYS = {"device": str, "cpu": str, "cpu_count": (int, type(None)), "threads": int, "gpu": (str, type(None)),
                 "python": str, "timing": str, "versions": dict}
@@ -93,6 +94,11 @@ def validate_results(res: dict) -> list[str]:
                 for k in ("saved_bytes",):
                     if not isinstance(row[k], int) or row[k] < 0:
                         errs.append(f"{w}.{k}: {row[k]!r} is not a non-negative int")
+            g = row["gpu_fwdbwd_ms"]
+            if g is not None and not (isinstance(g, float) and g > 0 and math.isfinite(g)):
+                errs.append(f"{w}.gpu_fwdbwd_ms: {g!r} is not a positive finite float")
+            if g is None and row["kind"] != "train" and not row["gpu_note"]:
+                errs.append(f"{w}: gpu_fwdbwd_ms missing without a gpu_note")
             if row["step_ms"] and row["tokens_per_s"] is not None and not _close(
                     row["tokens_per_s"], row["tokens"] / (row["step_ms"] / 1e3), 1e-9):
                 errs.append(f"{w}: tokens_per_s != tokens / step time")

@@ -315,29 +315,12 @@ def saved_activation_bytes(fn, exclude):
     return total[0], out
 
 
-def graph_time_ms(step, do_bench):
-    """GPU time of one fwd+bwd with the CPU out of the picture: the step captured in a CUDA graph, replays timed."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    ms = do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
-    del graph
-    return ms
-
-
 def layer_bench(smoke: bool):
     import torch
     from torch import nn
 
     import vera_kernels as vk
+    from vera_kernels.bench.measure import graph_replay_ms  # GPU time only: the step as a CUDA-graph replay
 
     dev = torch.device("cuda" if not smoke else "cpu")
     dtype = torch.bfloat16 if not smoke else torch.float32
@@ -420,7 +403,7 @@ def layer_bench(smoke: bool):
         if dev.type == "cuda":
             for name, step in steps.items():
                 try:
-                    gtimes[name] = graph_time_ms(step, do_bench)
+                    gtimes[name] = graph_replay_ms(step, dev, replays=40)
                 except Exception as exc:
                     gtimes[name] = None
                     print(f"  graph capture failed for {name}: {type(exc).__name__}: {str(exc)[:200]}")

@@ -317,28 +317,25 @@ class Measured:
     gpu_note: Optional[str] = None  # why gpu_fwdbwd_ms is missing
 
 
-def graph_fwdbwd_ms(w: Workload, device: torch.device, replays: int = 10) -> float:
-    """GPU time of one forward+backward of ``w`` (input 0) captured in a CUDA graph and replayed: what the step
-    costs when the host (Python, dispatch, kernel launches) is out of the picture, as with CUDA graphs in training
-    or a host fast enough to keep the GPU fed. Median of ``replays`` replays timed with CUDA events (L2 not
-    flushed). The capture follows PyTorch's whole-network recipe: warm-up on a side stream, gradients allocated
-    inside the capture from the graph's pool."""
+def graph_replay_ms(step: Callable[[], None], device: torch.device, reset: Callable[[], None] = lambda: None,
+                    replays: int = 10) -> float:
+    """GPU time of ``step`` captured in a CUDA graph and replayed: what it costs when the host (Python, dispatch,
+    kernel launches) is out of the picture, as with CUDA graphs in training or a host fast enough to keep the GPU
+    fed. Median of ``replays`` replays timed with CUDA events (L2 not flushed). PyTorch's whole-network recipe:
+    warm-up on a side stream; ``reset`` (e.g. gradients to None) before the capture, so that the tensors the step
+    allocates (gradients included) come from the graph's pool; ``reset`` again at the end."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(2):
-            w.zero()
-            out = w.forward(0)
-            w.backward(out, 0)
-            del out
+            reset()
+            step()
     torch.cuda.current_stream(device).wait_stream(side)
-    w.zero()
+    reset()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            out = w.forward(0)
-            w.backward(out, 0)
-            del out
+            step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         times = []
         for _ in range(replays + 2):
@@ -350,7 +347,17 @@ def graph_fwdbwd_ms(w: Workload, device: torch.device, replays: int = 10) -> flo
         return statistics.median(times[2:])
     finally:
         del graph
-        w.zero()
+        reset()
+
+
+def graph_fwdbwd_ms(w: Workload, device: torch.device, replays: int = 10) -> float:
+    """graph_replay_ms of one forward+backward of ``w`` on input 0."""
+
+    def step():
+        out = w.forward(0)
+        w.backward(out, 0)
+
+    return graph_replay_ms(step, device, w.zero, replays)
 
 
 def run_alternating(workloads: list[Workload], device: torch.device, warmup: int, repeats: int,

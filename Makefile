@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # newer torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast bench gpu-check compile-check clean
+.PHONY: install test bench gpu-check compile-check triton-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ gpu-check:
 
 compile-check:
 	bash csrc/compile_check.sh
+
+# Every Triton kernel compiled for sm_80/sm_90 with no GPU; registers, spills, shared memory (make test runs it too,
+# also under the GPU image's triton). TRITON=3.6.0 checks another triton version, installed next to the venv.
+TRITON ?=
+triton-check: install
+	@if [ -n "$(TRITON)" ]; then \
+	  [ -d $(VENV)/triton-$(TRITON)/triton ] || $(VPY) -m pip install -q --no-deps --target $(VENV)/triton-$(TRITON) triton==$(TRITON); \
+	  PYTHONPATH=$(VENV)/triton-$(TRITON):. $(VPY) tests/triton_compile_check.py --fail-on-spills 90; \
+	else $(VPY) tests/triton_compile_check.py --fail-on-spills 90; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -212,6 +212,20 @@ def test_base_gemm_modes_agree():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_down_kernel_grid_orders_agree(monkeypatch):
+    """Row tiles beyond a grid's second dimension switch the down kernel to rows-fastest order: same results."""
+    args = _inputs(130, 45, 29, 19, 50, 33, torch.float32)
+    gy = torch.randn(130, 29, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for limit in (vt.GRID_Y_MAX, 1):
+        monkeypatch.setattr(vt, "GRID_Y_MAX", limit)
+        torch.manual_seed(11)
+        y = vera_linear(*args, dropout_p=0.2, training=True, backend="triton")
+        outs.append([y] + list(torch.autograd.grad(y, [args[0], args[5], args[6]], gy)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_unknown_base_gemm_mode_is_refused():
     with base_gemm("cutlass"), pytest.raises(ValueError, match="VERA_KERNELS_BASE_GEMM"):
         vera_linear(*_inputs(5, 33, 65, 8, 33, 65, torch.float32), backend="triton")

@@ -100,7 +100,7 @@ def _vera_down_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
     seed, p, drop_scale,
     HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_SCALED_OUT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr, N_FASTEST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C = drop(X) W (X (M, K), W read as (K, N), N = r): OUT = C [diag(NSCALE)]; SCALED_OUT = C diag(NSCALE) (a
@@ -108,9 +108,16 @@ def _vera_down_kernel(
 
     forward:  OUT = h = drop(x) A_s^T (saved), SCALED_OUT = h diag(lambda_d) (the up kernel's operand).
     backward: gB = g (lambda_b B_s) -> PART = dlambda_d, OUT = grad_h = gB lambda_d.
+    With N_FASTEST the column blocks vary fastest over the grid: the N / BLOCK_N programs that read the same rows of
+    X (the large operand: x or g) run side by side, so X comes from HBM once and from L2 for the others. (Off only
+    when the row tiles outnumber a grid's second dimension, 65535.)
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if N_FASTEST:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -258,6 +265,7 @@ def _vera_lambda_grads_kernel(
 
 # ============================================================================================ launchers
 ROW_GROUP_MIN = 256  # >= every BLOCK_M used below
+GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension
 
 
 def _row_group_log2(n_cols: int) -> int:
@@ -331,7 +339,9 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
     if M == 0:
         return out, part, scaled
     assert nscale is None or scaled_copy is None, "one column scale per launch"
-    _vera_down_kernel[(n_mtiles, _cdiv(N, cfg["BLOCK_N"]))](
+    n_ntiles = _cdiv(N, cfg["BLOCK_N"])
+    n_fastest = n_mtiles <= GRID_Y_MAX
+    _vera_down_kernel[(n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles)](
         x, w_kn, out, nscale if nscale is not None else (scaled_copy if scaled_copy is not None else out),
         scaled if scaled is not None else out, h if h is not None else out, part if part is not None else out,
         M, N, K,
@@ -341,7 +351,7 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_SCALED_OUT=scaled is not None,
         HAS_PARTIAL=h is not None, ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
-        **cfg,
+        N_FASTEST=n_fastest, **cfg,
     )
     return out, part, scaled
 

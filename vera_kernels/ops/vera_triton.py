@@ -162,7 +162,7 @@ def _vera_up_kernel(
     seed, p, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_COL_SCALE: tl.constexpr, ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """OUT = [ACC_IN +] [XB WB + BIAS +] drop(HH V) [diag(COL_SCALE)], V and WB read as (K, N); K = r is small.
     COL_SCALE scales the rank-r product only (never with the fused base).
@@ -172,9 +172,18 @@ def _vera_up_kernel(
               diag(lambda_d) (one accumulator, one write of y).
     backward: grad_x = g W + drop(grad_h A_s) (the mask applies to the rank-r part, so dropout is never combined
               with the fused base).
+    One-dimensional grid in GROUP_M-row super-tiles (Triton's matmul swizzle): programs that run together share
+    rows of XB and columns of WB, which then come from L2; this matters for the fused base GEMM, whose operands
+    do not fit in L2 (the rank-r operands HH and V do).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -366,7 +375,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
     assert col_scale is None or xb is None, "the column scale applies to the rank-r product alone"
     KB = xb.shape[1] if xb is not None else 0
     cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
-    grid = (_cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"]))
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _vera_up_kernel[grid](
         hh, v_kn, out, acc_in if acc_in is not None else out,
         xb if xb is not None else out, wb_kn if wb_kn is not None else out, bias if bias is not None else out,
@@ -379,7 +388,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
         seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None, HAS_DROPOUT=p > 0,
         HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31,
-        PRECISION=_precision(hh.dtype),
+        PRECISION=_precision(hh.dtype), GROUP_M=8 if xb is not None else 1,
         **cfg,
     )
     return out

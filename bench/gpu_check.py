@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOL_FLOOR = {"float32": 2e-6, "float16": 2e-4, "bfloat16": 2e-3}
+TOL_FACTOR = 4.0
 ENV_BASE_GEMM = "VERA_KERNELS_BASE_GEMM"  # read by vera_triton.base_gemm_mode at each call
 
 
@@ -45,7 +47,18 @@ def _base_gemms():
 
     assert vera_triton.ENV_BASE_GEMM == ENV_BASE_GEMM
     return vera_triton.BASE_GEMMS
-TOL_FACTOR = 4.0
+
+
+def _env_without_switches() -> dict:
+    """os.environ without this script's per-measurement switches: a child process runs the defaults."""
+    return {k: v for k, v in os.environ.items() if k != ENV_BASE_GEMM}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _dt(name):
@@ -232,8 +245,6 @@ def big_offsets_check(smoke: bool = False):
     ``smoke``: the same code on a tiny float32 input on the CPU (interpreter), to keep this function working."""
     import torch
 
-    from vera_kernels.ops import vera_linear
-
     dev = torch.device("cpu" if smoke else "cuda")
     dt = torch.float32 if smoke else torch.bfloat16
     N, fin, fout, r = (37, 45, 29, 8) if smoke else (2**19 + 3, 4096 + 8, 4096 + 8, 16)  # > 2**31 elements each
@@ -244,22 +255,33 @@ def big_offsets_check(smoke: bool = False):
     ld = torch.randn(r, device=dev, requires_grad=True)
     lb = torch.randn(fout, device=dev, requires_grad=True)
     out = {}
-    for base in _base_gemms():
-        os.environ[ENV_BASE_GEMM] = base
-        y = vera_linear(x, W, None, A, B, ld, lb, backend="triton")
-        idx = torch.tensor([0, 1, N // 2, N - 2, N - 1], device=dev)
-        xs = x.detach()[idx].double()
-        ref = xs @ W.double().t() + ((xs @ A.double().t()) * ld.double()) @ (lb.double()[:, None] * B.double()).t()
-        err = ((y.detach()[idx].double() - ref).norm() / ref.norm()).item()
-        gy = torch.ones_like(y)
-        (gx,) = torch.autograd.grad(y, [x], gy)
-        gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ (lb.double()[:, None] * B.double())) * ld.double()) @ A.double()
-        gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
-        out[base] = dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
-        del y, gx, gy
-    os.environ.pop(ENV_BASE_GEMM, None)
+    try:
+        for base in _base_gemms():
+            out[base] = _offsets_case(base, x, W, A, B, ld, lb, N, dev)
+    finally:
+        os.environ.pop(ENV_BASE_GEMM, None)
     out["ok"] = all(v["ok"] for v in out.values())
     return out
+
+
+def _offsets_case(base, x, W, A, B, ld, lb, N, dev):
+    """One base arrangement of big_offsets_check: sampled rows of y and grad_x against float64."""
+    import torch
+
+    from vera_kernels.ops import vera_linear
+
+    os.environ[ENV_BASE_GEMM] = base
+    y = vera_linear(x, W, None, A, B, ld, lb, backend="triton")
+    idx = torch.tensor([0, 1, N // 2, N - 2, N - 1], device=dev)
+    xs = x.detach()[idx].double()
+    Bl = lb.double()[:, None] * B.double()
+    ref = xs @ W.double().t() + ((xs @ A.double().t()) * ld.double()) @ Bl.t()
+    err = ((y.detach()[idx].double() - ref).norm() / ref.norm()).item()
+    gy = torch.ones_like(y)
+    (gx,) = torch.autograd.grad(y, [x], gy)
+    gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ Bl) * ld.double()) @ A.double()
+    gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
+    return dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
 
 
 def compile_check(device: str):
@@ -531,7 +553,8 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
     ap.add_argument("--phase-a-worker", nargs=2, metavar=("DTYPE", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--dequant-worker", metavar="OUT", help=argparse.SUPPRESS)
-    ap.add_argument("--dequant-timeout", type=int, default=240, help="seconds for building and checking dequant")
+    ap.add_argument("--dequant-timeout", type=int, default=300,
+                    help="seconds for building the extension and checking the dequantization kernels")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--model-timeout", type=int, default=150)
     args = ap.parse_args()
@@ -570,11 +593,15 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--phase-a-worker", dt, path]
         if args.cpu_smoke:
             cmd.insert(2, "--cpu-smoke")
-        procs.append((dt, path, subprocess.Popen(cmd, cwd=ROOT)))
+        _remove(path)  # a worker that dies without writing must not be read as an earlier run's pass
+        procs.append((dt, path, subprocess.Popen(cmd, cwd=ROOT, env=_env_without_switches())))
     dq_path = os.path.join(out_dir, "gpu_check_dequant.json")
-    dq_cmd = [sys.executable, os.path.abspath(__file__), "--dequant-worker", dq_path] + (["--cpu-smoke"] if args.cpu_smoke
-                                                                                      else [])
-    dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT)  # builds the extension while phase A runs
+    _remove(dq_path)
+    dq_cmd = [sys.executable, os.path.abspath(__file__), "--dequant-worker", dq_path]
+    dq_cmd += ["--cpu-smoke"] if args.cpu_smoke else []
+    # builds the extension while phase A runs; its own process group, so a timeout also stops ninja/nvcc
+    dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT, start_new_session=True)
+    dq_start = time.time()
     extra = {}
     if torch.cuda.is_available() and not args.cpu_smoke:
         for name, fn in (("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)):
@@ -602,14 +629,22 @@ def main():
         try:
             with open(path) as f:
                 results += json.load(f)
+            if rc:
+                results.append(dict(case="(worker)", dtype=dt, ok=False, error=f"worker exited with rc={rc}"))
         except Exception as exc:
             results.append(dict(case="(worker)", dtype=dt, ok=False, error=f"worker rc={rc}: {exc}"))
     try:
-        dq_proc.wait(timeout=max(1, args.dequant_timeout - (time.time() - t_start)))
+        rc = dq_proc.wait(timeout=max(1.0, args.dequant_timeout - (time.time() - dq_start)))
         with open(dq_path) as f:
             extra["dequant"] = json.load(f)
+        if rc:
+            extra["dequant"].update(ok=False, error=f"worker exited with rc={rc}")
     except subprocess.TimeoutExpired:
-        dq_proc.kill()
+        try:
+            os.killpg(dq_proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        dq_proc.wait()
         extra["dequant"] = dict(ok=False, error=f"timed out after {args.dequant_timeout} s (build + check)")
     except Exception as exc:
         extra["dequant"] = dict(ok=False, error=f"worker rc={dq_proc.returncode}: {exc}")
@@ -657,7 +692,7 @@ def main():
         cmd += ["--device", "cuda", "--model", "llama-1b", "--quick"] if not args.cpu_smoke else ["--quick"]
         try:
             proc = subprocess.run(cmd, cwd=ROOT, timeout=args.model_timeout, capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONPATH=ROOT))
+                                  env=dict(_env_without_switches(), PYTHONPATH=ROOT))
             print(proc.stdout[-6000:])
             if proc.returncode:
                 print(proc.stderr[-3000:])

@@ -228,6 +228,28 @@ def test_down_kernel_grid_orders_agree(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("n_out", [77, 0])
+def test_lambda_grads_finalize(n_out):
+    """The one-launch finalize: dlambda_d sums more per-tile partials than one BLOCK_T (37), over R = 200 (two
+    dlambda_d programs), and dlambda_b for out = 77 or none."""
+    gen = torch.Generator().manual_seed(9)
+    M, R, T = 50, 200, 37
+    g, h = torch.randn(M, n_out, generator=gen), torch.randn(M, R, generator=gen)
+    B_s, ld = torch.randn(n_out, R, generator=gen), torch.randn(R, generator=gen)
+    part = torch.randn(T, R, generator=gen)
+    out = vt.vera_lambda_grads(g, h, B_s, ld, part)
+    torch.testing.assert_close(out[:R], part.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    ref_b = ((g.double().t() @ h.double()) * B_s.double() * ld.double()).sum(1)
+    torch.testing.assert_close(out[R:], ref_b.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_explicit_base_gemm_is_validated():
+    with pytest.raises(ValueError, match="base_gemm"):
+        vt.vera_linear_triton(*_inputs(5, 33, 65, 8, 33, 65, torch.float32)[:2], None, None,
+                              *_inputs(5, 33, 65, 8, 33, 65, torch.float32)[3:], dropout_p=0.0, seed=None,
+                              fan_in_fan_out=False, base_gemm="bogus")
+
+
 def test_unknown_base_gemm_mode_is_refused():
     with base_gemm("cutlass"), pytest.raises(ValueError, match="VERA_KERNELS_BASE_GEMM"):
         vera_linear(*_inputs(5, 33, 65, 8, 33, 65, torch.float32), backend="triton")

@@ -59,6 +59,7 @@ def test_every_kernel_compiles_fits_and_does_not_spill(tmp_path, triton_version)
     assert res.returncode == 0, report
     if triton_version:
         assert rows["triton"] == triton_version, report
+    assert all(isinstance(r.get("regs"), int) and r["regs"] > 0 for r in rows["rows"]), report  # usage was read
     compiled = {r["kernel"] for r in rows["rows"] if r["ok"]}
     assert compiled == _launched_kernels(), f"kernels never launched by the check: {_launched_kernels() - compiled}"
     for arch in ("sm_80", "sm_90"):

@@ -30,10 +30,10 @@ Python entry points::
     results = run(["--device", "cuda", "--model", "llama-1b", "--quick"])   # prints the table, returns the dict
     print(format_table(results))
 
-Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/1")::
+Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/2": /1 lacked gpu_fwdbwd_ms/gpu_note)::
 
     {
-      "schema": "vera_kernels.bench/1",
+      "schema": "vera_kernels.bench/2",
       "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
                   "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
                   "timing": str, "loadavg": {"start": [float]|null, "end": [float]|null},

@@ -24,7 +24,7 @@ from .progress import make_progress
 from .report import add_ratios, format_table, goal_checks, write_csv, write_plot
 from .training import training_run
 
-SCHEMA = "vera_kernels.bench/1"
+SCHEMA = "vera_kernels.bench/2"
 CASES = ("layer", "model", "train", "dequant")
 
 

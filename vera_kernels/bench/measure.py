@@ -321,9 +321,10 @@ def graph_replay_ms(step: Callable[[], None], device: torch.device, reset: Calla
                     replays: int = 10) -> float:
     """GPU time of ``step`` captured in a CUDA graph and replayed: what it costs when the host (Python, dispatch,
     kernel launches) is out of the picture, as with CUDA graphs in training or a host fast enough to keep the GPU
-    fed. Median of ``replays`` replays timed with CUDA events (L2 not flushed). PyTorch's whole-network recipe:
-    warm-up on a side stream; ``reset`` (e.g. gradients to None) before the capture, so that the tensors the step
-    allocates (gradients included) come from the graph's pool; ``reset`` again at the end."""
+    fed. Median of ``replays`` replays timed with CUDA events, the L2 cache flushed before each (outside the timed
+    region, as CudaTimer and triton.testing.do_bench do). PyTorch's whole-network recipe: warm-up on a side stream;
+    ``reset`` (e.g. gradients to None) before the capture, so that the tensors the step allocates (gradients
+    included) come from the graph's pool; ``reset`` again at the end."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -337,8 +338,10 @@ def graph_replay_ms(step: Callable[[], None], device: torch.device, reset: Calla
         with torch.cuda.graph(graph):
             step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
         times = []
         for _ in range(replays + 2):
+            flush.zero_()
             start.record()
             graph.replay()
             end.record()
@@ -461,8 +464,11 @@ def run_alternating(workloads: list[Workload], device: torch.device, warmup: int
                 res[w.impl].gpu_fwdbwd_ms = graph_fwdbwd_ms(w, device)
             except Exception as exc:  # not capturable (host syncs, CPU tensors, ...): reported, not fatal
                 res[w.impl].gpu_note = "not capturable in a CUDA graph: " + _short_error(exc)
-                torch.cuda.synchronize(device)
-                free_memory(device)
+                try:
+                    torch.cuda.synchronize(device)
+                    free_memory(device)
+                except Exception:  # a capture failure that left a CUDA error: keep the eager timings measured
+                    pass
     else:
         for w in alive:
             res[w.impl].gpu_note = "CUDA only" if device.type != "cuda" else "not measured (--no-graph)"

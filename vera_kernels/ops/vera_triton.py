@@ -669,7 +669,9 @@ def vera_linear_triton(
     base_gemm: Optional[str] = None,
 ) -> torch.Tensor:
     if base_gemm is None:
-        base_gemm = base_gemm_mode(x.shape[0], x.dtype, x.device) if weight is not None else "cublas"
+        base_gemm = base_gemm_mode(x.shape[0], x.dtype, x.device)
+    elif base_gemm not in BASE_GEMMS:
+        raise ValueError(f"vera_kernels: base_gemm={base_gemm!r}: choose one of {BASE_GEMMS}")
     return VeraLinearTritonFunction.apply(
         x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out, base_gemm,
     )

@@ -37,10 +37,7 @@ compile-check:
 # also under the GPU image's triton). TRITON=3.6.0 checks another triton version, installed next to the venv.
 TRITON ?=
 triton-check: install
-	@if [ -n "$(TRITON)" ]; then \
-	  [ -d $(VENV)/triton-$(TRITON)/triton ] || $(VPY) -m pip install -q --no-deps --target $(VENV)/triton-$(TRITON) triton==$(TRITON); \
-	  PYTHONPATH=$(VENV)/triton-$(TRITON):. $(VPY) tests/triton_compile_check.py --fail-on-spills 90; \
-	else $(VPY) tests/triton_compile_check.py --fail-on-spills 90; fi
+	$(VPY) tests/triton_compile_check.py --fail-on-spills 90 $(if $(TRITON),--triton $(TRITON))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -25,24 +25,12 @@ TRITON_MODULE = ROOT / "vera_kernels" / "ops" / "vera_triton.py"
 GPU_IMAGE_TRITON = "3.6.0"  # the lent H100s' image (torch 2.11, triton 3.6): see bench/results/
 
 
-def _triton_on_path(version: str) -> str:
-    """A directory holding triton==version (installed once, without dependencies, next to the venv)."""
-    base = ROOT / ".venv" if (ROOT / ".venv").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    target = base / f"triton-{version}"
-    if not (target / "triton" / "__init__.py").exists():
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={version}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        assert res.returncode == 0, f"could not install triton {version}: {res.stderr[-2000:]}"
-    return str(target)
-
-
 def _run(tmp_path, *args, triton_version=None):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
-    if triton_version:
-        env["PYTHONPATH"] = os.pathsep.join([_triton_on_path(triton_version), str(ROOT)])
+    version = ["--triton", triton_version] if triton_version else []
     out = tmp_path / "rows.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out), *args], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=900, check=False)
+    res = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out), *version, *args], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=900, check=False)
     rows = json.loads(out.read_text()) if out.exists() else None
     return res, rows
 

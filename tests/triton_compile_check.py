@@ -17,7 +17,7 @@ than the card has. This script catches both without a GPU:
 Meta tensors have address 0, so every pointer counts as 16-byte aligned, as fresh CUDA allocations are. Run it
 under any triton version:
     python tests/triton_compile_check.py [--arch 80,90] [--json FILE]
-    PYTHONPATH=/path/to/triton-3.6 python tests/triton_compile_check.py     (the GPU image's triton)
+    python tests/triton_compile_check.py --triton 3.6.0                   (the GPU image's triton)
 ``tests/test_triton_compile.py`` runs it in CI for the installed triton and for triton 3.6 (the GPU image's), with
 spills failing on sm_90, the card the heuristic is tuned for.
 """
@@ -40,6 +40,28 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def _reexec_with_triton(argv: list) -> None:
+    """``--triton VERSION``: run this script again with triton==VERSION first on the path, installed once (without
+    dependencies) next to the venv, or in $TMPDIR when there is none. Before triton is imported."""
+    if "--triton" not in argv or os.environ.get("VK_TRITON_CHECK_REEXEC"):
+        return
+    i = argv.index("--triton")
+    version, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    base = ROOT / ".venv" if (ROOT / ".venv").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+    target = base / f"triton-{version}"
+    if not (target / "triton" / "__init__.py").exists():
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={version}"]
+        if subprocess.run(cmd, check=False).returncode:
+            sys.exit(f"could not install triton {version} into {target}")
+    env = dict(os.environ, VK_TRITON_CHECK_REEXEC="1",
+               PYTHONPATH=os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_triton(sys.argv[1:])
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -253,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fail-on-spills", default="", metavar="ARCHS",
                     help="also fail when a kernel spills registers on these targets (e.g. 90)")
     ap.add_argument("--module", help="check this copy of vera_kernels/ops/vera_triton.py instead (for tests)")
+    ap.add_argument("--triton", metavar="VERSION",
+                    help="check under triton==VERSION (installed next to the venv on first use), e.g. 3.6.0")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
 

@@ -44,14 +44,17 @@ def random_4bit(shape, blocksize, quant_type, nested, device, gen):
     return packed.to(device), state
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float32 / float16 / bfloat16 tensor, as int32 / int16 (signed zeros and NaNs included)."""
     return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
 
-def _compare(out, ref, what):
+def bit_mismatch(out, ref, what):
+    """None when ``out`` and ``ref`` have the same dtype, shape and bits; else what differs, and where first.
+    (Also what tests/test_dequant.py's bit-exactness assertions use.)"""
     if out.shape != ref.shape or out.dtype != ref.dtype:
         return f"{what}: {tuple(out.shape)} {out.dtype} vs {tuple(ref.shape)} {ref.dtype}"
-    o, r = _bits(out), _bits(ref)
+    o, r = bits(out), bits(ref)
     if not torch.equal(o, r):
         bad = (o != r).nonzero()
         i = tuple(bad[0].tolist())
@@ -73,13 +76,13 @@ def check_4bit(device: str, seed: int = 0) -> list[str]:
                             what = f"{device} {quant_type} nested={nested} {shape} bs={bs} {dtype} -0={neg}"
                             out = D.dequantize_4bit(packed, state, dtype, impl="native", negative_zero=neg)
                             ref = D.dequantize_4bit(packed, state, dtype, impl="torch", negative_zero=neg)
-                            errors.append(_compare(out, ref, what))
+                            errors.append(bit_mismatch(out, ref, what))
                     if packed.numel() > 8:  # unaligned packed pointer: the kernels' scalar path
                         skew = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:].view_as(packed)
                         skew.copy_(packed)
                         out = D.dequantize_4bit(skew, state, torch.float32, impl="native", negative_zero=False)
                         ref = D.dequantize_4bit(packed, state, torch.float32, impl="torch", negative_zero=False)
-                        errors.append(_compare(out, ref, f"{device} {quant_type} nested={nested} {shape} unaligned"))
+                        errors.append(bit_mismatch(out, ref, f"{device} {quant_type} nested={nested} {shape} unaligned"))
     return [e for e in errors if e]
 
 
@@ -94,7 +97,7 @@ def check_int8(device: str, seed: int = 0) -> list[str]:
             for mode in ("vectorwise", "matmul_fp"):
                 out = D.dequantize_int8_rowwise(CB, SCB, dtype, mode=mode, impl="native")
                 ref = D.dequantize_int8_rowwise(CB, SCB, dtype, mode=mode, impl="torch")
-                errors.append(_compare(out, ref, f"{device} int8 {shape} {dtype} {mode}"))
+                errors.append(bit_mismatch(out, ref, f"{device} int8 {shape} {dtype} {mode}"))
     return [e for e in errors if e]
 
 

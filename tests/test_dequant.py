@@ -33,6 +33,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 
+from dequant_crosscheck import bit_mismatch, bits  # noqa: E402
 from vera_kernels.quant import _native  # noqa: E402
 from vera_kernels.quant import dequant as D  # noqa: E402
 
@@ -62,21 +63,9 @@ def native():
     return status
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
-
-
 def assert_bitexact(out: torch.Tensor, ref: torch.Tensor, what: str = ""):
-    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    o, r = bits(out.contiguous()), bits(ref.contiguous())
-    if not torch.equal(o, r):
-        bad = (o != r).nonzero()
-        i = tuple(bad[0].tolist())
-        raise AssertionError(
-            f"{what}: {bad.shape[0]} of {o.numel()} elements differ (seed base {_BASE_SEED}); "
-            f"first at {i}: {out[i].item()!r} vs {ref[i].item()!r}"
-        )
+    problem = bit_mismatch(out, ref, what)
+    assert problem is None, f"{problem} (seed base {_BASE_SEED})"
 
 
 def random_weights(shape, dtype):

@@ -46,10 +46,10 @@ def test_crosscheck_detects_a_wrong_scale(native_kernels):
     """The comparison can fail: one absmax changed by one ulp between the two paths is reported."""
     from vera_kernels.quant import dequant as D
 
-    from dequant_crosscheck import _compare
+    from dequant_crosscheck import bit_mismatch
 
     packed, state = random_4bit((33, 70), 64, "nf4", False, "cpu", torch.Generator().manual_seed(3))
     ref = D.dequantize_4bit(packed, state, torch.float32, impl="torch")
     state.absmax[5] = torch.nextafter(state.absmax[5], torch.tensor(10.0))
     out = D.dequantize_4bit(packed, state, torch.float32, impl="native")
-    assert _compare(out, ref, "skewed") is not None
+    assert bit_mismatch(out, ref, "skewed") is not None

@@ -35,6 +35,7 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(1, os.path.join(ROOT, "tests"))  # the plain case/check modules shared with the tests
 
 TOL_FLOOR = {"float32": 2e-6, "float16": 2e-4, "bfloat16": 2e-3}
 TOL_FACTOR = 4.0
@@ -128,6 +129,8 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
     from vera_kernels.ops import vera_triton as vt
     from vera_kernels.ops.reference import vera_formula
 
+    from triton_cases import random_inputs
+
     dtype = _dt(dtype_name)
     dev = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(N * 7919 + fin * 31 + fout + r)
@@ -136,19 +139,9 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
         return (torch.randn(*shape, generator=gen) * scale).to(dev)
 
     total = N
-    rows = N
-    if strided:  # non-contiguous: every other column of a wider tensor, leading dims
-        x_full = rnd(*lead, rows, 2 * fin).to(dtype)
-        x = x_full[..., ::2]
-    else:
-        x = rnd(*lead, rows, fin).to(dtype)
-    x.requires_grad_(True)
-    W = (rnd(fin, fout) if fifo else rnd(fout, fin)).mul(fin**-0.5).to(dtype).requires_grad_(weight_grad)
-    b = rnd(fout).to(dtype).requires_grad_(weight_grad) if bias else None
-    A = rnd(r, in_max, scale=(6 / in_max) ** 0.5)
-    B = rnd(out_max, r, scale=(6 / r) ** 0.5)
-    ld = rnd(r).requires_grad_(True)
-    lb = rnd(fout).requires_grad_(True)
+    x, W, b, A, B, ld, lb = random_inputs(  # strided: every other column of a wider tensor, leading dims
+        N, fin, fout, r, in_max, out_max, dtype, device=dev, generator=gen, fifo=fifo, bias=bias, strided=strided,
+        lead=lead, wgrad=weight_grad)
     os.environ[ENV_BASE_GEMM] = base
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     _poison(dev)
@@ -197,7 +190,6 @@ def dequant_worker(smoke: bool, out_path: str):
     the smoke run): tests/dequant_crosscheck.py, which needs no bitsandbytes. Run in its own process (the build)."""
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from dequant_crosscheck import check_4bit, check_int8, count_cases
 
     from vera_kernels.quant import _native

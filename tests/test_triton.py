@@ -17,6 +17,7 @@ import vera_kernels as vk
 from vera_kernels.backends import resolve_backend
 from vera_kernels.ops import vera_linear
 from vera_kernels.ops.reference import vera_formula
+from triton_cases import random_inputs
 
 vt = pytest.importorskip("vera_kernels.ops.vera_triton")
 
@@ -44,25 +45,8 @@ SHAPES = [
 ]
 
 
-def _inputs(N, fin, fout, r, in_max, out_max, dtype, fifo=False, bias=True, strided=False, lead=(), wgrad=False,
-            seed=0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
-
-    if strided:
-        x = rnd(*lead, N, 2 * fin).to(dtype)[..., ::2]
-    else:
-        x = rnd(*lead, N, fin).to(dtype)
-    x.requires_grad_(True)
-    W = (rnd(fin, fout) if fifo else rnd(fout, fin)).mul(fin**-0.5).to(dtype).requires_grad_(wgrad)
-    b = rnd(fout).to(dtype).requires_grad_(wgrad) if bias else None
-    A = rnd(r, in_max, scale=(6 / in_max) ** 0.5)
-    B = rnd(out_max, r, scale=(6 / r) ** 0.5)
-    ld = rnd(r).requires_grad_(True)
-    lb = rnd(fout).requires_grad_(True)
-    return x, W, b, A, B, ld, lb
+def _inputs(N, fin, fout, r, in_max, out_max, dtype, seed=0, **layout):
+    return random_inputs(N, fin, fout, r, in_max, out_max, dtype, device=DEVICE, seed=seed, **layout)
 
 
 def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, base="cublas", wgrad=False):
@@ -244,10 +228,10 @@ def test_lambda_grads_finalize(n_out):
 
 
 def test_explicit_base_gemm_is_validated():
+    x, W, _, A, B, ld, lb = _inputs(5, 33, 65, 8, 33, 65, torch.float32)
     with pytest.raises(ValueError, match="base_gemm"):
-        vt.vera_linear_triton(*_inputs(5, 33, 65, 8, 33, 65, torch.float32)[:2], None, None,
-                              *_inputs(5, 33, 65, 8, 33, 65, torch.float32)[3:], dropout_p=0.0, seed=None,
-                              fan_in_fan_out=False, base_gemm="bogus")
+        vt.vera_linear_triton(x, W, None, None, A, B, ld, lb, dropout_p=0.0, seed=None, fan_in_fan_out=False,
+                              base_gemm="bogus")
 
 
 def test_unknown_base_gemm_mode_is_refused():

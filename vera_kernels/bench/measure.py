@@ -108,6 +108,11 @@ class CpuTimer:
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
 
 
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """256 MiB whose zeroing evicts everything from the L2 cache (H100: 50 MiB) before a timed iteration."""
+    return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+
+
 class CudaTimer:
     """CUDA events around each phase; before each iteration a 256 MiB buffer is zeroed so that the L2 cache holds
     nothing of the previous implementation's data (as triton.testing.do_bench does)."""
@@ -117,7 +122,7 @@ class CudaTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        self.flush_buf = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        self.flush_buf = l2_flush_buffer(device)
 
     def sync(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -338,7 +343,7 @@ def graph_replay_ms(step: Callable[[], None], device: torch.device, reset: Calla
         with torch.cuda.graph(graph):
             step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        flush = l2_flush_buffer(device)
         times = []
         for _ in range(replays + 2):
             flush.zero_()

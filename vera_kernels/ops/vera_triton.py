@@ -348,10 +348,11 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
     if M == 0:
         return out, part, scaled
     assert nscale is None or scaled_copy is None, "one column scale per launch"
+    col = nscale if nscale is not None else scaled_copy
     n_ntiles = _cdiv(N, cfg["BLOCK_N"])
     n_fastest = n_mtiles <= GRID_Y_MAX
     _vera_down_kernel[(n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles)](
-        x, w_kn, out, nscale if nscale is not None else (scaled_copy if scaled_copy is not None else out),
+        x, w_kn, out, col if col is not None else out,
         scaled if scaled is not None else out, h if h is not None else out, part if part is not None else out,
         M, N, K,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),

@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # newer torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test bench gpu-check compile-check triton-check clean
+.PHONY: install test bench gpu-check gpu-carry compile-check triton-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: install
 # bf16/fp16/fp32, then the benchmark table. Under 6 minutes on one H100.
 gpu-check:
 	$(PY) bench/gpu_check.py
+
+# A trimmed bitsandbytes (CUDA 13 libraries only) in .gpu_carry/site for the GPU image, which has none: carried to the
+# device (carry [".gpu_carry"]), it lets gpu-check time the CUDA dequantization against bitsandbytes'.
+gpu-carry: install
+	$(VPY) bench/gpu_carry.py
 
 compile-check:
 	bash csrc/compile_check.sh

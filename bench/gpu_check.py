@@ -11,7 +11,9 @@ Phases
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
      Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer, and (in a
      fourth process, which JIT-builds the C++/CUDA extension) the native dequantization kernels against the
-     PyTorch path bit for bit on CUDA (tests/dequant_crosscheck.py; the GPU image has no bitsandbytes).
+     PyTorch path bit for bit on CUDA (tests/dequant_crosscheck.py; the GPU image has no bitsandbytes), then their
+     throughput against bitsandbytes' CUDA dequantization where bitsandbytes imports (`make gpu-carry` prepares a
+     trimmed copy in .gpu_carry/ to carry to the device).
   B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (three base arrangements), at
      the issue's shapes; fwd+bwd time (CUDA events via triton.testing.do_bench, medians, implementations alternated,
      inputs rotated), saved activation bytes, peak memory.
@@ -185,9 +187,35 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
     return ok, rows_out
 
 
+CARRIED_SITE = os.path.join(ROOT, ".gpu_carry", "site")  # `make gpu-carry`: a trimmed bitsandbytes for the GPU image
+
+
+def dequant_speed(device: str, smoke: bool) -> dict:
+    """Dequantization throughput of the native kernels against bitsandbytes' own (vera_kernels/bench/dequant.py),
+    bit-exactness against bitsandbytes included, where bitsandbytes imports with kernels for ``device``. The GPU
+    image has none; `make gpu-carry` prepares a trimmed copy (.gpu_carry/site, put on this worker's path) that the
+    device run carries along."""
+    import torch
+
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as F
+
+        F.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.float16), blocksize=64, quant_type="nf4")
+    except Exception as exc:
+        return dict(ok=True, skipped=f"bitsandbytes unusable on {device}: {type(exc).__name__}: {str(exc)[:200]}")
+    from vera_kernels.bench.dequant import DEFAULT_SIZES, format_table, run
+
+    sizes = ((64, 256),) if smoke else DEFAULT_SIZES
+    rows = run(device, sizes=sizes, repeats=1 if smoke else 20, impls=("vera-native",))
+    return dict(ok=all(r["bitexact_vs_bnb"] for r in rows), bitsandbytes=bitsandbytes.__version__, rows=rows,
+                table=format_table(rows))
+
+
 def dequant_worker(smoke: bool, out_path: str):
     """The native dequantization kernels (built here, JIT) against the PyTorch path, bit for bit, on CUDA (the CPU in
-    the smoke run): tests/dequant_crosscheck.py, which needs no bitsandbytes. Run in its own process (the build)."""
+    the smoke run): tests/dequant_crosscheck.py, which needs no bitsandbytes; then their speed against bitsandbytes
+    where it imports (dequant_speed). Run in its own process (the build)."""
     import torch
 
     from dequant_crosscheck import check_4bit, check_int8, count_cases
@@ -205,6 +233,9 @@ def dequant_worker(smoke: bool, out_path: str):
             errors = check_4bit(device) + check_int8(device)
             res.update(ok=not errors, cases=count_cases(), mismatches=len(errors), first=errors[:3],
                        status=_native.native_status())
+            speed = dequant_speed(device, smoke)
+            res["speed"] = speed
+            res["ok"] = res["ok"] and speed["ok"]
     except Exception as exc:
         res.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
     res["s"] = round(time.time() - t0, 1)
@@ -592,7 +623,10 @@ def main():
     dq_cmd = [sys.executable, os.path.abspath(__file__), "--dequant-worker", dq_path]
     dq_cmd += ["--cpu-smoke"] if args.cpu_smoke else []
     # builds the extension while phase A runs; its own process group, so a timeout also stops ninja/nvcc
-    dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT, start_new_session=True)
+    dq_env = dict(os.environ)
+    if os.path.isdir(CARRIED_SITE):
+        dq_env["PYTHONPATH"] = os.pathsep.join(p for p in (CARRIED_SITE, dq_env.get("PYTHONPATH")) if p)
+    dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT, start_new_session=True, env=dq_env)
     dq_start = time.time()
     extra = {}
     if torch.cuda.is_available() and not args.cpu_smoke:
@@ -654,7 +688,11 @@ def main():
             print(f"{r['dtype']:>9} {r['case']:>26} {'NO':>3}  {r.get('error')}")
     for name, res in extra.items():
         print(f"{'extra':>9} {name:>26} {'ok' if res.get('ok') else 'NO':>3}  "
-              + json.dumps({k: v for k, v in res.items() if k not in ('trace',)}))
+              + json.dumps({k: v for k, v in res.items() if k not in ('trace', 'speed')}))
+    speed = extra.get("dequant", {}).get("speed")
+    if speed:
+        print("\nDequantization vs bitsandbytes (GB/s of output; x bnb = bnb's time / ours):")
+        print(speed.get("table") or f"  skipped: {speed.get('skipped')}")
 
     # ---- phase B: layer benchmark
     t0 = time.time()

@@ -30,4 +30,23 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "triton-cublas" in out, out[-4000:]  # the layer table ran the triton backend
     for check in ("offsets64-smoke", "breakdown-smoke", "compile", "dequant"):  # GPU-only checks, tiny inputs
         assert f"{check}  ok" in out, f"{check} did not pass\n{out[-4000:]}"
+    # the dequantization speed table against bitsandbytes (importable here; carried to the GPU by `make gpu-carry`)
+    assert "Dequantization vs bitsandbytes" in out and "vera-native" in out, out[-4000:]
     assert (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_carry_copies_a_working_trimmed_bitsandbytes(tmp_path):
+    """`make gpu-carry`'s copy imports and quantizes from its own folder, and leaves out the other CUDA libraries."""
+    pytest.importorskip("bitsandbytes")
+    dest = tmp_path / "site"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_carry.py"), "--dest", str(dest)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    libs = sorted(p.name for p in (dest / "bitsandbytes").glob("*.so"))
+    assert "libbitsandbytes_cpu.so" in libs and all("cuda1" not in n or "cuda13" in n for n in libs), libs
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import torch, bitsandbytes, bitsandbytes.functional as F; "
+             "assert bitsandbytes.__file__.startswith(sys.argv[1]), bitsandbytes.__file__; "
+             "q, s = F.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type='nf4'); "
+             "print(F.dequantize_4bit(q, s).shape)")
+    res = subprocess.run([sys.executable, "-c", probe, str(dest)], capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0 and "torch.Size([64, 64])" in res.stdout, res.stdout + res.stderr[-3000:]

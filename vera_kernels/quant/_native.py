@@ -41,6 +41,7 @@ __all__ = [
     "get_native",
     "native_status",
     "native_supports",
+    "ops",
     "reset_for_tests",
 ]
 
@@ -231,7 +232,7 @@ def _load() -> tuple[object, str]:
 
 def _build_info() -> str:
     try:
-        return str(getattr(torch.ops, OPS_NAMESPACE).build_info())
+        return str(ops().build_info())
     except Exception:
         return "?"
 
@@ -273,6 +274,11 @@ def native_status(load: bool = True) -> str:
     if load:
         get_native()
     return _status
+
+
+def ops():
+    """The native ops' namespace (``torch.ops.vera_kernels_quant``); callers check ``native_supports`` first."""
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 def native_supports(device_type: str) -> bool:

@@ -329,7 +329,7 @@ def dequantize_4bit(
         raise ValueError(f"packed holds {A.numel()} bytes, shape {shape} needs {(n + 1) // 2}")
 
     if _use_native(impl, A.device):
-        ops = getattr(torch.ops, _native.OPS_NAMESPACE)
+        ops = _native.ops()
         nested = getattr(qs, "nested", False)
         if nested and _nested_native_args_ok(qs):
             s2 = qs.state2
@@ -398,7 +398,7 @@ def dequantize_int8_rowwise(
     if SCB.numel() != rows:
         raise ValueError(f"SCB must hold one scale per row of CB ({rows}), got {SCB.numel()}")
     if _use_native(impl, CB.device):
-        return getattr(torch.ops, _native.OPS_NAMESPACE).dequantize_int8_rowwise(CB, SCB, _INT8_MODES[mode], dtype)
+        return _native.ops().dequantize_int8_rowwise(CB, SCB, _INT8_MODES[mode], dtype)
     cb2 = CB.reshape(rows, CB.shape[-1])
     scb = SCB.reshape(-1, 1)
     if scb.dtype != torch.float32:

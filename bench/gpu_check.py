@@ -22,6 +22,11 @@ Everything printed is measured in this run; the JSON lands in $OUT (or bench/res
 
     python bench/gpu_check.py               # all phases
     python bench/gpu_check.py --cpu-smoke   # the same code paths on tiny shapes on the CPU (Triton interpreter)
+
+On a lent device: `make gpu-carry` here first (a trimmed bitsandbytes in .gpu_carry/, for the dequantization
+timings), then run, carrying ".gpu_carry":  export PYTHONUNBUFFERED=1 GIT_COMMIT=<hash>;
+timeout 420 python3 bench/gpu_check.py --model-timeout 130 2>&1 | tee $OUT/gpu_check.log
+Commit the log and JSON under bench/results/raw/ and the tables in bench/results/<date>-<card>.md.
 """
 
 from __future__ import annotations
@@ -530,14 +535,14 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256, smoke=False):
     ld = torch.randn(r, device=dev)
     lb = torch.randn(fout, device=dev)
     h = x @ A.t()
-    R = vt.scale_projection(B32, lb, ld, dt)
+    R = vt.scale_projection(B32, lb, dt, fold_d=ld)[0]
     Bc = B32.to(dt)  # the cached compute-dtype cast a layer passes
     y = x @ W.t()
     gx = g @ W
-    part = vt.vera_down(g, R, nscale=ld, h=h)[1]
+    G = g.t() @ h
     Nf, Nr = 2.0 * tokens * r, 2.0 * tokens * fin * fout
     cases = [
-        ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, ld, dt), 0,
+        ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, dt, fold_d=ld), 0,
          lambda: (B32 * lb[:, None] * ld[None, :]).to(dt)),
         ("fwd down: h, h diag(ld) = x A^T", lambda: vt.vera_down(x, A.t(), scaled_copy=ld), Nf * fin,
          lambda: x @ A.t()),
@@ -550,8 +555,10 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256, smoke=False):
          lambda: torch.mm(h, R.t())),
         ("cuBLAS y += x W^T vs y = x W^T", lambda: y.addmm_(x, W.t()), Nr, lambda: torch.mm(x, W.t())),
         ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h), Nf * fout, lambda: g @ R),
-        ("bwd lambdas: g^T h + finalize", lambda: vt.vera_lambda_grads(g, h, B32, ld, part), Nf * fout,
-         lambda: g.t() @ h),
+        ("bwd: g^T h (cuBLAS), then diag(lb) B + dlambda_b",
+         lambda: vt.scale_projection(Bc, lb, dt, dlb_from=(g.t() @ h, ld)), Nf * fout, lambda: g.t() @ h),
+        ("bwd: diag(lb) B + dlambda_b alone", lambda: vt.scale_projection(Bc, lb, dt, dlb_from=(G, ld)), 0,
+         lambda: (Bc.float() * lb[:, None]).to(dt)),
         ("bwd up: gx += grad_h A", lambda: vt.vera_up(h, A, gx, acc_in=gx), Nf * fin, lambda: gx.addmm_(h, A)),
         ("bwd up+base (fused)", lambda: vt.vera_up(h, A, gx, xb=g, wb_kn=W), Nf * fin + Nr, lambda: torch.mm(g, W)),
         ("bwd up, write only: gx = grad_h A", lambda: vt.vera_up(h, A, gx), Nf * fin, lambda: torch.mm(h, A)),

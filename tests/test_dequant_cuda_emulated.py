@@ -116,20 +116,12 @@ def _route_native_to(monkeypatch, ops):
 LAUNCHES = {"launch_grid": dict(), "one_block": dict(max_blocks=1), "misaligned_out": dict(skew_out=True)}
 
 
+@pytest.mark.parametrize("check", [check_4bit, check_int8], ids=["4bit", "int8"])
 @pytest.mark.parametrize("launch", list(LAUNCHES))
-def test_emulated_cuda_4bit_equals_torch_path(emulator, monkeypatch, launch):
+def test_emulated_cuda_kernels_equal_torch_path(emulator, monkeypatch, check, launch):
     ops = EmulatedCudaOps(emulator, **LAUNCHES[launch])
     _route_native_to(monkeypatch, ops)
-    errors = check_4bit("cpu", seed=3)
-    assert ops.calls > 100, "the checks did not go through the emulated kernels"
-    assert not errors, f"{len(errors)} mismatches, first: {errors[:3]}"
-
-
-@pytest.mark.parametrize("launch", list(LAUNCHES))
-def test_emulated_cuda_int8_equals_torch_path(emulator, monkeypatch, launch):
-    ops = EmulatedCudaOps(emulator, **LAUNCHES[launch])
-    _route_native_to(monkeypatch, ops)
-    errors = check_int8("cpu", seed=4)
+    errors = check("cpu", seed=3)
     assert ops.calls > 10, "the checks did not go through the emulated kernels"
     assert not errors, f"{len(errors)} mismatches, first: {errors[:3]}"
 

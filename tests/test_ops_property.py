@@ -133,9 +133,8 @@ def regenerate_keep_mask(backend: str, seed: int, x: torch.Tensor, in_f: int, p:
     """The dropout keep-mask the backend used after torch.manual_seed(seed), shaped like x; None if unknown."""
     x2 = x.detach().reshape(-1, in_f)
     torch.manual_seed(seed)
-    if backend == "reference":  # PEFT-style F.dropout on the global generator, on a float32 copy of x
-        keep = F.dropout(torch.ones_like(x2, dtype=torch.float32), p, training=True) != 0
-        return keep.reshape(x.shape)
+    if backend == "reference":  # PEFT's F.dropout on the global generator, on x.to(float32) as the layer got x
+        return F.dropout(torch.ones_like(x.detach(), dtype=torch.float32), p, training=True) != 0
     # seeded backends: the op draws a seed from the default generator, the backend module regenerates the mask
     module = importlib.import_module(f"vera_kernels.ops.vera_{backend}")
     mask_fn = getattr(module, "dropout_keep_mask", None)

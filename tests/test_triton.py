@@ -213,18 +213,24 @@ def test_down_kernel_grid_orders_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("n_out", [77, 0])
-def test_lambda_grads_finalize(n_out):
-    """The one-launch finalize: dlambda_d sums more per-tile partials than one BLOCK_T (37), over R = 200 (two
-    dlambda_d programs), and dlambda_b for out = 77 or none."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_projection_and_dlambda_b(n_out, dtype):
+    """One launch gives diag(lambda_b) B_s (one rounding to the compute dtype) and dlambda_b from G = g^T h, over
+    R = 200 (two r-blocks) and out = 77 (two programs, a partial one) or none; and, for the fused base, the
+    projection with lambda_d folded in."""
     gen = torch.Generator().manual_seed(9)
-    M, R, T = 50, 200, 37
-    g, h = torch.randn(M, n_out, generator=gen), torch.randn(M, R, generator=gen)
-    B_s, ld = torch.randn(n_out, R, generator=gen), torch.randn(R, generator=gen)
-    part = torch.randn(T, R, generator=gen)
-    out = vt.vera_lambda_grads(g, h, B_s, ld, part)
-    torch.testing.assert_close(out[:R], part.double().sum(0).float(), rtol=1e-5, atol=1e-5)
-    ref_b = ((g.double().t() @ h.double()) * B_s.double() * ld.double()).sum(1)
-    torch.testing.assert_close(out[R:], ref_b.float(), rtol=1e-5, atol=1e-4)
+    R = 200
+    B_s = torch.randn(n_out, R, generator=gen).to(dtype)
+    lb, ld = torch.randn(n_out, generator=gen), torch.randn(R, generator=gen)
+    G = torch.randn(n_out, R, generator=gen).to(dtype)
+    P, dlb = vt.scale_projection(B_s, lb, dtype, dlb_from=(G, ld))
+    assert P.dtype == dtype and dlb.dtype == torch.float32
+    assert torch.equal(P, (B_s.float() * lb[:, None]).to(dtype))
+    ref_b = (G.double() * B_s.double() * ld.double()).sum(1)
+    torch.testing.assert_close(dlb, ref_b.float(), rtol=1e-5, atol=1e-4)
+    P_folded, none = vt.scale_projection(B_s, lb, dtype, fold_d=ld)
+    assert none is None
+    assert torch.equal(P_folded, (B_s.float() * lb[:, None] * ld[None, :]).to(dtype))
 
 
 def test_explicit_base_gemm_is_validated():

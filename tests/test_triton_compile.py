@@ -65,10 +65,10 @@ def _broken_copy(tmp_path, old: str, new: str) -> Path:
 
 def test_check_fails_on_a_kernel_that_does_not_compile(tmp_path):
     # a non-power-of-two block: the code generator rejects it
-    anchor = "tl.arange(0, BLOCK_R)\n        k_mask"
+    anchor = "cols = r0 + tl.arange(0, BLOCK_R)"
     path = _broken_copy(tmp_path, anchor, anchor.replace("BLOCK_R)", "BLOCK_R + 1)"))
     res, rows = _run(tmp_path, "--module", str(path), "--arch", "90", "--dtypes", "bf16",
-                     "--kernels", "_vera_lambda_grads_kernel")
+                     "--kernels", "_scale_projection_kernel")
     assert res.returncode == 1, res.stdout + res.stderr
     assert rows["rows"] and not any(r["ok"] for r in rows["rows"])
     assert "FAIL" in res.stdout

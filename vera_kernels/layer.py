@@ -168,16 +168,15 @@ class VeraLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
 
         backend = resolve_backend(self.backend, x.device)
-        if backend == "reference" or x.dtype not in COMPUTE_DTYPES:
-            vera_A, vera_B = self.vera_projections.vera_A, self.vera_projections.vera_B
-        else:  # the fused backends compute in the activation dtype: cached casts of the float32 projections
-            vera_A, vera_B = self.vera_projections.for_compute(x.dtype)
+        # the fused backends compute in the activation dtype: cached casts of the float32 projections
+        dtype = x.dtype if backend != "reference" and x.dtype in COMPUTE_DTYPES else PARAM_DTYPE
         fused_base = self.base_kind in ("linear", "conv1d") and backend != "reference" and not args and not kwargs
         if fused_base:
             first, rest = active[0], active[1:]
+            base = self.base_layer
+            A_s, B_s = self.vera_projections.slices_for_compute(dtype, self.in_features, self.out_features)
             y = vera_linear_prechecked(
-                x, self.base_layer.weight, self.base_layer.bias, vera_A, vera_B,
-                self.vera_lambda_d[first], self.vera_lambda_b[first], self.in_features, self.out_features,
+                x, base.weight, base.bias, A_s, B_s, self.vera_lambda_d[first], self.vera_lambda_b[first],
                 self.vera_dropout[first], self.training, self.fan_in_fan_out, backend,
             )
         elif self.quantized:
@@ -186,6 +185,8 @@ class VeraLinear(nn.Module):
             y, rest = quantized_base_forward(self.base_layer, x, *args, **kwargs), active
         else:
             y, rest = self.base_layer(x, *args, **kwargs), active
+        if rest:
+            vera_A, vera_B = self.vera_projections.for_compute(dtype)
         for name in rest:
             y = vera_add_delta(
                 y, x, vera_A, vera_B, self.vera_lambda_d[name], self.vera_lambda_b[name],

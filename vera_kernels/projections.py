@@ -48,6 +48,7 @@ class VeraProjections(nn.Module):
         self.projection_prng_key = projection_prng_key
         self.save_projection = save_projection
         self._cast_cache: dict = {}
+        self._slice_cache: dict = {}
 
     @classmethod
     def from_key(cls, r: int, in_max: int, out_max: int, key: int, save_projection: bool) -> "VeraProjections":
@@ -103,7 +104,22 @@ class VeraProjections(nn.Module):
             self._cast_cache[dtype] = hit
         return hit[1], hit[2]
 
+    def slices_for_compute(self, dtype: torch.dtype, in_features: int, out_features: int):
+        """(A[:, :in_features], B[:out_features]) of ``for_compute(dtype)``: one layer's operands. The views are
+        cached per (dtype, shape) while the tensors behind them stay the same, saving two view ops per layer call."""
+        A, B = self.for_compute(dtype)
+        if torch.compiler.is_compiling():
+            return A[:, :in_features], B[:out_features]
+        key = (dtype, in_features, out_features)
+        hit = self._slice_cache.get(key)
+        if hit is None or hit[0] is not A or hit[1] is not B:
+            hit = (A, B, A[:, :in_features], B[:out_features])
+            self._slice_cache[key] = hit
+        return hit[2], hit[3]
+
     def _apply(self, fn, recurse=True):
+        self._cast_cache.clear()  # casts and views of the tensors being moved or replaced
+        self._slice_cache.clear()
         return super()._apply(float32_preserving(fn), recurse)
 
     def extra_repr(self) -> str:

@@ -4,8 +4,9 @@
 
 ``vera_linear`` is the public function; ``vera_add_delta`` adds the delta to a base output computed elsewhere (for
 base layers whose forward is not a plain matmul, such as quantized ones). Both check their inputs, slice the
-projections as views, flatten leading dimensions, honour autocast, draw the dropout seed from torch's default
-generator, and dispatch to a backend (see ``vera_kernels.backends``).
+projections as views, honour autocast, draw the dropout seed from torch's default generator, and dispatch to a
+backend (see ``vera_kernels.backends``), which takes any leading dimensions (the fused backends flatten them inside
+their autograd node, so no view nodes surround it).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropo
         raise ValueError(f"vera_kernels: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _dispatch(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p, training,
-              fan_in_fan_out, backend):
+def _dispatch(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training, fan_in_fan_out,
+              backend):
     concrete = backend if backend in BACKENDS else resolve_backend(backend, x.device)
     if base_out is not None and base_out.dtype != x.dtype and concrete != "reference":
         x = x.to(base_out.dtype)  # quantized bases compute in their compute dtype; the fused delta follows it
@@ -68,14 +69,10 @@ def _dispatch(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, in_
     _dtypes.check_activation_dtype(x, allowed)
     p = float(dropout_p) if training else 0.0
     seed = draw_dropout_seed() if p > 0.0 and concrete != "reference" else None
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f)
-    base2 = base_out.reshape(-1, out_f) if base_out is not None else None
-    y = get_impl(concrete)(
-        x2, weight, bias, base2, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b,
-        dropout_p=p, seed=seed, fan_in_fan_out=fan_in_fan_out,
+    return get_impl(concrete)(  # any leading dimensions: each backend flattens them inside its autograd node
+        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p=p, seed=seed,
+        fan_in_fan_out=fan_in_fan_out,
     )
-    return y.reshape(*lead, out_f)
 
 
 def vera_linear(
@@ -108,14 +105,15 @@ def vera_linear(
         [("weight", weight), ("bias", bias), ("vera_A", vera_A), ("vera_B", vera_B), ("lambda_d", lambda_d),
          ("lambda_b", lambda_b)],
     )
-    return vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
-                                  training, fan_in_fan_out, backend)
+    return vera_linear_prechecked(x, weight, bias, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b,
+                                  dropout_p, training, fan_in_fan_out, backend)
 
 
-def vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p, training,
+def vera_linear_prechecked(x, weight, bias, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training,
                            fan_in_fan_out, backend):
-    """``vera_linear`` without the shape/device validation, for callers whose tensors are consistent by
-    construction (VeraLinear checks the input width itself). Autocast and the dtype rules still apply."""
+    """``vera_linear`` without the shape/device validation and on the layer's slices A[:, :in], B[:out], for callers
+    whose tensors are consistent by construction (VeraLinear checks the input width itself). Autocast and the dtype
+    rules still apply."""
     ac = _dtypes.autocast_dtype(x.device.type)
     if ac is not None:
         x, weight = x.to(ac), weight.to(ac)
@@ -126,8 +124,8 @@ def vera_linear_prechecked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, 
             + (f", bias is {bias.dtype}" if bias is not None else "")
         )
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        return _dispatch(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
-                         training, fan_in_fan_out, backend)
+        return _dispatch(x, weight, bias, None, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training,
+                         fan_in_fan_out, backend)
 
 
 def vera_add_delta(
@@ -159,5 +157,5 @@ def vera_add_delta(
     if ac is not None:
         x = x.to(ac)
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        return _dispatch(x, None, None, base_out, vera_A, vera_B, lambda_d, lambda_b, in_f, out_f, dropout_p,
-                         training, False, backend)
+        return _dispatch(x, None, None, base_out, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b,
+                         dropout_p, training, False, backend)

@@ -49,6 +49,10 @@ class VeraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out):
+        x_shape = x.shape
+        x = x.reshape(-1, x_shape[-1])  # leading dimensions are flattened here, not by autograd views around us
+        if base_out is not None:
+            base_out = base_out.reshape(-1, base_out.shape[-1])
         cd = x.dtype
         seed = int(seed) if seed is not None else None
         if dropout_p > 0.0:
@@ -73,12 +77,14 @@ class VeraLinearFunction(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         ctx.seed = seed
         ctx.fan_in_fan_out = fan_in_fan_out
-        return y
+        ctx.x_shape = x_shape
+        return y.reshape(*x_shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g_nd):
         h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b = ctx.saved_tensors
         need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
+        g = g_nd.reshape(-1, g_nd.shape[-1])
         cd = g.dtype
         grad_x = grad_w = grad_b = grad_base = grad_ld = grad_lb = None
 
@@ -102,7 +108,9 @@ class VeraLinearFunction(torch.autograd.Function):
         if need_b:
             grad_b = g.sum(0)
         if need_base:
-            grad_base = g
+            grad_base = g_nd
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, grad_base, None, None, grad_ld, grad_lb, None, None, None
 
 

@@ -19,10 +19,12 @@ Kernels:
                         R = diag(lambda_b) B_s diag(lambda_d) folded by _scale_projection_kernel (base fused).
                         See base_gemm_mode. backward: grad_x = g W (+) masked (grad_h A_s), same arrangements.
     _scale_projection_kernel  diag(lambda_b) B_s [diag(lambda_d)] as one small (out, r) operand (backward's down
-                        kernel; the fused base).
-    _vera_lambda_grads_kernel  dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from
-                        one cuBLAS GEMM, never (N x out); and dlambda_d = column sums of the down kernel's partials.
-Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 4 Triton + 2 cuBLAS (g^T h, g W).
+                        kernel; the fused base), and in backward, from the same reads of B_s,
+                        dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
+                        GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
+Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W) + the partials'
+column sum. Each Triton launch costs the host ~15 us of Python (bench/host_overhead.py), several times a torch
+op's, which is what small (host-bound) steps pay for: launches are only added where they save GPU time.
 A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
 float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
 small operand; every dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in
@@ -76,21 +78,34 @@ def _dropout_keep(seed, pid_m, local_rows, cols, n_cols, p, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _scale_projection_kernel(B, LB, LD, OUT, N_OUT, R, stride_bo, stride_br, HAS_LD: tl.constexpr,
-                             BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
+def _scale_projection_kernel(B, LB, LD, OUT, G, DLB, N_OUT, R, stride_bo, stride_br, stride_go, stride_gr,
+                             HAS_LD: tl.constexpr, HAS_DLB: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr):
     """OUT (out, r) = diag(lambda_b) B_s [diag(lambda_d)] in the compute dtype: the scales folded once per call into
-    a small operand, so the GEMM kernels feed tiles straight from memory to the tensor cores."""
+    a small operand, so the GEMM kernels feed tiles straight from memory to the tensor cores.
+    HAS_DLB (backward): also DLB[o] = sum_k G[o, k] B_s[o, k] lambda_d[k], i.e. dlambda_b from G = g^T h (one cuBLAS
+    GEMM, never (N x out) elementwise), reading B_s once for both. Each program sums its rows in a fixed order."""
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_r = tl.arange(0, BLOCK_R)
+    o_mask = offs_o < N_OUT
+    rows = offs_o.to(tl.int64)
+    lb = tl.load(LB + offs_o, mask=o_mask, other=0.0).to(tl.float32)
+    if HAS_DLB:
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        mask = (offs_o[:, None] < N_OUT) & ((r0 + offs_r)[None, :] < R)
-        b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + (r0 + offs_r)[None, :] * stride_br, mask=mask,
-                    other=0.0).to(tl.float32)
-        b = b * tl.load(LB + offs_o, mask=offs_o < N_OUT, other=0.0).to(tl.float32)[:, None]
+        cols = r0 + tl.arange(0, BLOCK_R)
+        r_mask = cols < R
+        mask = o_mask[:, None] & r_mask[None, :]
+        b = tl.load(B + rows[:, None] * stride_bo + cols[None, :] * stride_br, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LD or HAS_DLB:
+            ld = tl.load(LD + cols, mask=r_mask, other=0.0).to(tl.float32)
+        if HAS_DLB:
+            g = tl.load(G + rows[:, None] * stride_go + cols[None, :] * stride_gr, mask=mask, other=0.0)
+            acc += tl.sum(g.to(tl.float32) * b * ld[None, :], axis=1)
+        scaled = b * lb[:, None]
         if HAS_LD:
-            b = b * tl.load(LD + r0 + offs_r, mask=(r0 + offs_r) < R, other=0.0).to(tl.float32)[None, :]
-        tl.store(OUT + offs_o[:, None].to(tl.int64) * R + (r0 + offs_r)[None, :], b.to(OUT.dtype.element_ty),
-                 mask=mask)
+            scaled = scaled * ld[None, :]
+        tl.store(OUT + rows[:, None] * R + cols[None, :], scaled.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_DLB:
+        tl.store(DLB + offs_o, acc, mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -234,44 +249,6 @@ def _vera_up_kernel(
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(OUT.dtype.element_ty), mask=mn_mask)
 
 
-@triton.jit
-def _vera_lambda_grads_kernel(
-    G, B, LD, PART, OUT,
-    N_OUT, R, N_TILES, N_O_PROGRAMS,
-    stride_go, stride_gr, stride_bo, stride_br, stride_pt,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """OUT[R + o] = sum_k G[o, k] B[o, k] LD[k]   (dlambda_b; G = g^T h from one GEMM, never (N x out) elementwise)
-    OUT[k]     = sum_t PART[t, k]               (dlambda_d: the down kernel's per-tile partials).
-    One launch for both; every program sums in a fixed order: deterministic.
-    The two branches share no variable: triton 3.6 rejects a name bound to blocks of different shapes in if/else."""
-    pid = tl.program_id(0)
-    if pid < N_O_PROGRAMS:
-        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
-        o_mask = offs_o < N_OUT
-        acc_b = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            cols = r0 + tl.arange(0, BLOCK_R)
-            mask = o_mask[:, None] & (cols < R)[None, :]
-            g = tl.load(G + offs_o[:, None].to(tl.int64) * stride_go + cols[None, :] * stride_gr, mask=mask,
-                        other=0.0)
-            b = tl.load(B + offs_o[:, None].to(tl.int64) * stride_bo + cols[None, :] * stride_br, mask=mask,
-                        other=0.0)
-            ld = tl.load(LD + cols, mask=cols < R, other=0.0).to(tl.float32)
-            acc_b += tl.sum(g.to(tl.float32) * b.to(tl.float32) * ld[None, :], axis=1)
-        tl.store(OUT + R + offs_o, acc_b, mask=o_mask)
-    else:
-        offs_k = (pid - N_O_PROGRAMS) * BLOCK_R + tl.arange(0, BLOCK_R)
-        k_mask = offs_k < R
-        acc_d = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for t0 in range(0, N_TILES, BLOCK_T):
-            tiles = t0 + tl.arange(0, BLOCK_T)
-            part = tl.load(PART + tiles[:, None] * stride_pt + offs_k[None, :],
-                           mask=(tiles < N_TILES)[:, None] & k_mask[None, :], other=0.0)
-            acc_d += tl.sum(part, axis=0)
-        tl.store(OUT + offs_k, acc_d, mask=k_mask)
-
-
 # ============================================================================================ launchers
 ROW_GROUP_MIN = 256  # >= every BLOCK_M used below
 GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension
@@ -395,34 +372,25 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
     return out
 
 
-def vera_lambda_grads(g, h, B_s, lambda_d, partial_ld):
-    """cat(dlambda_d, dlambda_b), float32: dlambda_b = rowsum(B_s * lambda_d * (g^T h)) with g^T h (out, r) from one
-    cuBLAS GEMM, dlambda_d = the column sums of the down kernel's per-tile partials; one launch finalizes both."""
-    n_out, R = B_s.shape
-    G = g.t() @ h  # (out, r): the rank-r GEMM over tokens (cuBLAS beat a Triton split-K kernel 2.3x on an H100)
-    out = torch.empty((R + n_out,), device=g.device, dtype=torch.float32)
-    block_o, block_r = 64, min(128, _pow2_at_least(R))
-    n_o_programs = _cdiv(n_out, block_o)
-    _vera_lambda_grads_kernel[(n_o_programs + _cdiv(R, block_r),)](
-        G, B_s, lambda_d, partial_ld, out, n_out, R, partial_ld.shape[0], n_o_programs,
-        G.stride(0), G.stride(1), B_s.stride(0), B_s.stride(1), partial_ld.stride(0),
-        BLOCK_O=block_o, BLOCK_R=block_r, BLOCK_T=16,
-    )
-    return out
-
-
-def scale_projection(B_s, lambda_b, lambda_d, dtype):
-    """diag(lambda_b) B_s [diag(lambda_d)] as a contiguous (out, r) tensor in ``dtype``: one small launch."""
+def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
+    """(P, dlambda_b): P = diag(lambda_b) B_s [diag(fold_d)], a contiguous (out, r) tensor in ``dtype``; with
+    ``dlb_from = (G, lambda_d)``, G = g^T h (out, r), also dlambda_b = rowsum(G * B_s * lambda_d) in float32 (else
+    None), from the same reads of B_s. One small launch."""
     n_out, R = B_s.shape
     out = torch.empty((n_out, R), device=B_s.device, dtype=dtype)
+    G, ld = dlb_from if dlb_from is not None else (None, fold_d)
+    dlb = torch.empty((n_out,), device=B_s.device, dtype=torch.float32) if G is not None else None
     if n_out:
         block_o = 64
         _scale_projection_kernel[(_cdiv(n_out, block_o),)](
-            B_s, lambda_b, lambda_d if lambda_d is not None else lambda_b, out, n_out, R,
-            B_s.stride(0), B_s.stride(1), HAS_LD=lambda_d is not None, BLOCK_O=block_o,
-            BLOCK_R=min(128, _pow2_at_least(R)),
+            B_s, lambda_b, ld if ld is not None else lambda_b, out, G if G is not None else out,
+            dlb if dlb is not None else out, n_out, R, B_s.stride(0), B_s.stride(1),
+            G.stride(0) if G is not None else 0, G.stride(1) if G is not None else 0,
+            HAS_LD=fold_d is not None, HAS_DLB=G is not None, BLOCK_O=block_o,
+            # with dlambda_b, four fp32 tiles are live: 64 x 128 of them spill at 4 warps (tests/triton_compile_check.py)
+            BLOCK_R=min(64 if G is not None else 128, _pow2_at_least(R)),
         )
-    return out
+    return out, dlb
 
 
 @triton.jit
@@ -512,7 +480,7 @@ def _fwd_impl(
     n_out = vera_B_s.shape[0]
     if fused:
         y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
-        R_kn = scale_projection(vera_B_s, lambda_b, lambda_d, cd).t()  # (r, out)
+        R_kn = scale_projection(vera_B_s, lambda_b, cd, fold_d=lambda_d)[0].t()  # (r, out)
         vera_up(h, R_kn, y, xb=x, wb_kn=_weight_kn(weight, fan_in_fan_out, False), bias=bias)
         return y, h
     B_kn = vera_B_s.to(cd).t()  # (r, out) view; the layer passes a cached cast
@@ -544,20 +512,25 @@ def _bwd_impl(
     need_x: bool,
     need_lambdas: bool,
     base_gemm: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_lambdas): grad_x in g's dtype, including the base's g W when ``weight`` is given; grad_lambdas
-    = cat(dlambda_d, dlambda_b) in float32. Empty when not asked for."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, dlambda_d, dlambda_b): grad_x in g's dtype, including the base's g W when ``weight`` is given; the
+    lambda gradients in float32. Empty tensors for what is not asked for.
+
+    Three Triton launches (two without the lambdas' gradients) besides cuBLAS's g^T h and g W: scale_projection
+    writes diag(lambda_b) B_s and finishes dlambda_b from g^T h in the same pass over B_s; the down kernel gives
+    grad_h and per-tile partials of dlambda_d (summed here, in a fixed order); the up kernel adds grad_h A_s."""
     cd = g.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    Bl = scale_projection(vera_B_s, lambda_b, None, cd)  # diag(lambda_b) B_s, (out, r)
+    G = (g.t() @ h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, instead of (N x out) products
+    Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
     # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
     grad_h, part_ld, _ = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
-        grad_lambdas = vera_lambda_grads(g, h, vera_B_s, lambda_d, part_ld)
+        dld = part_ld.sum(0)
     else:
-        grad_lambdas = g.new_empty((0,), dtype=torch.float32)
+        dld = dlb = g.new_empty((0,), dtype=torch.float32)
     if not need_x:
-        return g.new_empty((0,)), grad_lambdas
+        return g.new_empty((0,)), dld, dlb
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     A_kn = vera_A_s.to(cd)  # (r, in)
     grad_x = torch.empty((g.shape[0], A_kn.shape[1]), device=g.device, dtype=cd)
@@ -571,7 +544,7 @@ def _bwd_impl(
     else:
         torch.mm(g, _weight_kn(weight, fan_in_fan_out, True), out=grad_x)
         vera_up(grad_h, A_kn, grad_x, acc_in=grad_x, seed=seed_i, p=dropout_p)
-    return grad_x, grad_lambdas
+    return grad_x, dld, dlb
 
 
 # torch.compile sees the two ops (with their fake implementations); eager calls skip the dispatcher's overhead.
@@ -589,8 +562,8 @@ def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, d
 def _(g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, need_x, need_lambdas,
       base_gemm):
     grad_x = g.new_empty((g.shape[0], vera_A_s.shape[1])) if need_x else g.new_empty((0,))
-    n = vera_A_s.shape[0] + vera_B_s.shape[0] if need_lambdas else 0
-    return grad_x, g.new_empty((n,), dtype=torch.float32)
+    n_d, n_b = (vera_A_s.shape[0], vera_B_s.shape[0]) if need_lambdas else (0, 0)
+    return grad_x, g.new_empty((n_d,), dtype=torch.float32), g.new_empty((n_b,), dtype=torch.float32)
 
 
 def _call(op, impl, *args):
@@ -614,38 +587,42 @@ class VeraLinearTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed,
                 fan_in_fan_out, base_gemm):
-        y, h = _call(triton_vera_fwd, _fwd_impl, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b,
+        x_shape = x.shape
+        x = x.reshape(-1, x_shape[-1])  # leading dimensions are flattened here, not by autograd views around us
+        base2 = base_out.reshape(-1, base_out.shape[-1]) if base_out is not None else None
+        y, h = _call(triton_vera_fwd, _fwd_impl, x, weight, bias, base2, vera_A_s, vera_B_s, lambda_d, lambda_b,
                      seed, dropout_p, fan_in_fan_out, base_gemm)
         needs_w = weight is not None and ctx.needs_input_grad[1]
         ctx.save_for_backward(h, x if needs_w else None, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed)
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.base_gemm = base_gemm
-        return y
+        ctx.x_shape = x_shape
+        return y.reshape(*x_shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g_nd):
         h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed = ctx.saved_tensors
         need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
-        grad_x, grad_lambdas = _call(
+        g = g_nd.reshape(-1, g_nd.shape[-1])
+        grad_x, grad_ld, grad_lb = _call(
             triton_vera_bwd, _bwd_impl, g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, ctx.dropout_p,
             ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.base_gemm,
         )
-        r = lambda_d.shape[0]
         grad_w = grad_b = None
         if need_w:
             grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
         if need_b:
             grad_b = g.sum(0)
         return (
-            grad_x if need_x else None,
+            grad_x.reshape(ctx.x_shape) if need_x else None,
             grad_w,
             grad_b,
-            g if need_base else None,
+            g_nd if need_base else None,
             None,
             None,
-            grad_lambdas[:r].to(lambda_d.dtype) if need_ld else None,
-            grad_lambdas[r:].to(lambda_b.dtype) if need_lb else None,
+            grad_ld.to(lambda_d.dtype) if need_ld else None,
+            grad_lb.to(lambda_b.dtype) if need_lb else None,
             None,
             None,
             None,
@@ -670,7 +647,7 @@ def vera_linear_triton(
     base_gemm: Optional[str] = None,
 ) -> torch.Tensor:
     if base_gemm is None:
-        base_gemm = base_gemm_mode(x.shape[0], x.dtype, x.device)
+        base_gemm = base_gemm_mode(x.numel() // max(1, x.shape[-1]), x.dtype, x.device)
     elif base_gemm not in BASE_GEMMS:
         raise ValueError(f"vera_kernels: base_gemm={base_gemm!r}: choose one of {BASE_GEMMS}")
     return VeraLinearTritonFunction.apply(

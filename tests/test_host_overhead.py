@@ -1,0 +1,47 @@
+"""bench/host_overhead.py runs (Triton's real launch path on CPU tensors, no GPU) and the launch budget holds.
+
+The host time itself is a benchmark number, not asserted here (this machine is shared and noisy). What is asserted
+is deterministic: how many device kernels one adapted layer's forward+backward issues. Triton launches cost the
+host several times a torch op (see the tool's docstring), so a change that adds one must show up here on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parent.parent
+# forward: the down and up kernels; backward: scale_projection (+ dlambda_b), down, up
+TRITON_LAUNCHES = 5
+TRITON_ATEN_KERNELS = 7  # cuBLAS base GEMM; g^T h, g W; the partials' column sum; three gradient accumulations
+
+
+def test_host_overhead_tool_and_launch_budget(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "5", "--json",
+                          str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"base", "peft", "reference", "torch", "triton"}, rows
+    assert all(r["us"] > 0 for r in rows.values())
+    assert rows["triton"]["triton_launches"] == TRITON_LAUNCHES, rows["triton"]
+    assert rows["triton"]["aten_kernels"] == TRITON_ATEN_KERNELS, rows["triton"]
+    assert all(rows[i]["triton_launches"] == 0 for i in ("base", "peft", "reference", "torch"))
+    # the reference backend is PEFT's math: the same kernels
+    assert rows["reference"]["aten_kernels"] == rows["peft"]["aten_kernels"], rows
+
+
+def test_host_overhead_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "1"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    assert res.returncode != 0 and "TRITON_INTERPRET" in res.stderr, res.stdout + res.stderr

@@ -5,12 +5,14 @@
 // device: never contracted into an FMA, whatever -fmad says) and outputs are cast with __float2half_rn /
 // __float2bfloat16_rn (round to nearest even), which is what bitsandbytes' CUDA kernels and torch's casts do.
 //
-// Layout of this file: each kernel is a thin __global__ shell around a VK_HD function that does one thread's
+// Layout of this file: each kernel is a thin __global__ shell around a VK_THREAD_FN function that does one thread's
 // share of the work given its global thread index and the grid's size. Those functions, and the host-side
 // launch planning (grid size, which vectorised path is legal), also compile for the host:
 // csrc/dequant_cuda_emulate.cu runs them over the whole grid on the CPU, which is how CI checks the kernels'
-// indexing, vector paths, tails and rounding bit for bit without a GPU (tests/test_dequant_cuda_emulated.py).
-// Only what is GPU-only (shared memory, __ldg, the launch itself) waits for a real GPU (make gpu-check).
+// indexing, vector paths, tails and partial blocks bit for bit without a GPU (tests/test_dequant_cuda_emulated.py).
+// On the host the arithmetic is the host's (binary32 products with contraction off, the headers' host versions of
+// the fp16/bf16 casts), equal by IEEE rules to the device intrinsics but not the same code; that, shared memory,
+// __ldg and the launch itself are checked on a real GPU only (make gpu-check, against the PyTorch path).
 #include "vk_dequant_cuda.h"
 
 #include <cuda_bf16.h>
@@ -20,6 +22,16 @@
 
 #include <type_traits>
 
+// Per-thread code is __host__ __device__ where the toolkit's fp16/bf16 conversion intrinsics exist for the host too
+// (CUDA 13 headers; older ones declare some of them device-only), so that the emulator can run it; device-only with
+// older toolkits, which build the same kernels. VK_HD: integer helpers the host-side launch planning also calls.
+#if CUDART_VERSION >= 13000
+#define VK_THREAD_FN __host__ __device__ __forceinline__
+#define VK_HOST_EMULATION 1
+#else
+#define VK_THREAD_FN __device__ __forceinline__
+#define VK_HOST_EMULATION 0
+#endif
 #define VK_HD __host__ __device__ __forceinline__
 #ifdef __CUDA_ARCH__
 #define VK_UNROLL _Pragma("unroll")
@@ -33,14 +45,14 @@ constexpr int kThreads = 256;
 constexpr float kInv127 = 7.874015718698502e-3f;  // == (float)(1.0 / 127.0)
 
 // ------------------------------------------------------------------------------------------- host/device math
-VK_HD float mul_rn(float a, float b) {
+VK_THREAD_FN float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
     return __fmul_rn(a, b);
 #else
     return a * b;  // IEEE binary32 multiply; the emulator is compiled with -ffp-contract=off
 #endif
 }
-VK_HD float add_rn(float a, float b) {
+VK_THREAD_FN float add_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
     return __fadd_rn(a, b);
 #else
@@ -48,7 +60,7 @@ VK_HD float add_rn(float a, float b) {
 #endif
 }
 template <typename P>
-VK_HD P ldg(const P* p) {
+VK_THREAD_FN P ldg(const P* p) {
 #ifdef __CUDA_ARCH__
     return __ldg(p);  // read-only cache
 #else
@@ -57,22 +69,22 @@ VK_HD P ldg(const P* p) {
 }
 
 template <typename T>
-VK_HD T cvt_out(float x);
+VK_THREAD_FN T cvt_out(float x);
 template <>
-VK_HD float cvt_out<float>(float x) {
+VK_THREAD_FN float cvt_out<float>(float x) {
     return x;
 }
 template <>
-VK_HD __half cvt_out<__half>(float x) {
+VK_THREAD_FN __half cvt_out<__half>(float x) {
     return __float2half_rn(x);
 }
 template <>
-VK_HD __nv_bfloat16 cvt_out<__nv_bfloat16>(float x) {
+VK_THREAD_FN __nv_bfloat16 cvt_out<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
-VK_HD uint32_t bits16(__half h) { return static_cast<uint32_t>(__half_as_ushort(h)); }
-VK_HD uint32_t bits16(__nv_bfloat16 h) { return static_cast<uint32_t>(__bfloat16_as_ushort(h)); }
+VK_THREAD_FN uint32_t bits16(__half h) { return static_cast<uint32_t>(__half_as_ushort(h)); }
+VK_THREAD_FN uint32_t bits16(__nv_bfloat16 h) { return static_cast<uint32_t>(__bfloat16_as_ushort(h)); }
 
 // Every vectorised thread step ends in exactly one 16-byte store: 4 float32 or 8 half/bfloat16 outputs. A warp
 // then writes 512 contiguous bytes per store instruction (fully coalesced); two 16-byte stores per thread (what
@@ -81,7 +93,7 @@ template <typename T>
 constexpr int kVecOut = 16 / static_cast<int>(sizeof(T));
 
 template <typename T>
-VK_HD void store16(T* dst, const float (&v)[kVecOut<T>]) {
+VK_THREAD_FN void store16(T* dst, const float (&v)[kVecOut<T>]) {
     uint4 p;
     p.x = bits16(cvt_out<T>(v[0])) | (bits16(cvt_out<T>(v[1])) << 16);
     p.y = bits16(cvt_out<T>(v[2])) | (bits16(cvt_out<T>(v[3])) << 16);
@@ -90,7 +102,7 @@ VK_HD void store16(T* dst, const float (&v)[kVecOut<T>]) {
     *reinterpret_cast<uint4*>(dst) = p;
 }
 template <>
-VK_HD void store16<float>(float* dst, const float (&v)[kVecOut<float>]) {
+VK_THREAD_FN void store16<float>(float* dst, const float (&v)[kVecOut<float>]) {
     *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
 }
 
@@ -120,7 +132,7 @@ struct Dequant4Args {
 };
 
 template <bool NESTED>
-VK_HD float block_scale(const Dequant4Args& a, int64_t blk, float offset) {
+VK_THREAD_FN float block_scale(const Dequant4Args& a, int64_t blk, float offset) {
     if (NESTED) {
         const float t = mul_rn(ldg(a.code2 + ldg(a.qabsmax + blk)), ldg(a.absmax2 + blk / a.blocksize2));
         return add_rn(t, offset);
@@ -141,7 +153,7 @@ VK_HD int64_t dequant4_steps(int64_t n) {
 
 // One thread's share: steps first, first + stride, ...; lut is the 16-entry code table (shared memory on the GPU).
 template <typename T, bool NESTED>
-VK_HD void dequant4_thread(const Dequant4Args& a, const float* lut, int64_t first, int64_t stride) {
+VK_THREAD_FN void dequant4_thread(const Dequant4Args& a, const float* lut, int64_t first, int64_t stride) {
     constexpr int kOut = kVecOut<T>;
     constexpr int kBytes = kOut / 2;
     T* out = static_cast<T*>(a.out);
@@ -207,26 +219,26 @@ struct Int8Args {
 };
 
 template <int MODE>
-VK_HD float int8_value(int8_t q, float s, float s_mode1) {
+VK_THREAD_FN float int8_value(int8_t q, float s, float s_mode1) {
     if (MODE == 0) return mul_rn(mul_rn(static_cast<float>(q), s), kInv127);
     return mul_rn(static_cast<float>(q), s_mode1);
 }
 
 template <typename T>
-VK_HD void store4(T* dst, float a, float b, float c, float d) {
+VK_THREAD_FN void store4(T* dst, float a, float b, float c, float d) {
     uint2 p;
     p.x = bits16(cvt_out<T>(a)) | (bits16(cvt_out<T>(b)) << 16);
     p.y = bits16(cvt_out<T>(c)) | (bits16(cvt_out<T>(d)) << 16);
     *reinterpret_cast<uint2*>(dst) = p;
 }
 template <>
-VK_HD void store4<float>(float* dst, float a, float b, float c, float d) {
+VK_THREAD_FN void store4<float>(float* dst, float a, float b, float c, float d) {
     *reinterpret_cast<float4*>(dst) = make_float4(a, b, c, d);
 }
 
 // One CTA per row (grid-stride over rows); the CTA's threads stride over the columns, 4 at a time when aligned.
 template <typename T, int MODE>
-VK_HD void int8_thread(const Int8Args& a, int64_t block, int64_t nblocks, int64_t tid, int64_t nthreads) {
+VK_THREAD_FN void int8_thread(const Int8Args& a, int64_t block, int64_t nblocks, int64_t tid, int64_t nthreads) {
     for (int64_t r = block; r < a.rows; r += nblocks) {
         const float s = ldg(a.scb + r);
         const float s1 = mul_rn(s, kInv127);

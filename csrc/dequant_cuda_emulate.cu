@@ -10,6 +10,13 @@
 // grid (0 = none) so that the tests also exercise the kernels' grid-stride loops.
 #include "dequant_cuda.cu"
 
+#if !VK_HOST_EMULATION
+#error "the host emulation needs CUDA 13 headers (host versions of the fp16/bf16 conversion intrinsics)"
+#endif
+#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0
+#error "build the emulator with SSE math (no x87 excess precision), and -ffp-contract=off"
+#endif
+
 namespace {
 
 struct HostEmulation {

@@ -324,3 +324,18 @@ def test_unpatch_restores_requires_grad_of_modules_to_save():
     plain = vk.unpatch_model(model)
     assert not torch.equal(plain.lm_head.weight, BUILDERS["llama"](0).lm_head.weight)  # the trained copy
     assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_projection_storage_swapped_in_place_is_seen(backend):
+    """The layers' cached slices of the shared projections follow a change of their storage (``.data =``), as the
+    cached casts follow in-place writes: zeroing A through ``.data`` leaves the base model's output."""
+    _, _, model = make_pair("llama", cfg("llama"), backend=backend)
+    ids = token_ids()
+    patched_out = logits(model, ids)
+    proj = find_projections(model)
+    proj.vera_A.data = torch.zeros_like(proj.vera_A)
+    with vk.disable_adapter(model):
+        base_out = logits(model, ids)
+    assert not torch.equal(patched_out, base_out)
+    close(logits(model, ids), base_out, exact=True, what="A zeroed through .data")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,6 +45,9 @@ def emulator(tmp_path_factory):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the CUDA kernels' host emulation needs it to compile them")
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    if release is None or int(release.group(1)) < 13:
+        pytest.skip("the host emulation needs CUDA 13 headers (host versions of the fp16/bf16 intrinsics)")
     lib_path = tmp_path_factory.mktemp("cuda_emulator") / "libvk_dequant_emulate.so"
     # PTX only for the device side (no ptxas: the device code is not run here); -ffp-contract=off keeps the host
     # arithmetic to one rounding per operation, as __fmul_rn/__fadd_rn do on the GPU.

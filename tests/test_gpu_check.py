@@ -5,6 +5,7 @@ the layer table) through the Triton interpreter, here, on every CI run."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,8 +31,11 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert "triton-cublas" in out, out[-4000:]  # the layer table ran the triton backend
     for check in ("offsets64-smoke", "breakdown-smoke", "compile", "dequant"):  # GPU-only checks, tiny inputs
         assert f"{check}  ok" in out, f"{check} did not pass\n{out[-4000:]}"
-    # the dequantization speed table against bitsandbytes (importable here; carried to the GPU by `make gpu-carry`)
-    assert "Dequantization vs bitsandbytes" in out and "vera-native" in out, out[-4000:]
+    # the dequantization speed table against bitsandbytes (where it imports; carried to the GPU by `make gpu-carry`)
+    assert "Dequantization vs bitsandbytes" in out, out[-4000:]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        rows = [line for line in out.splitlines() if line.split()[:1] in (["nf4"], ["nf4-nested"], ["fp4"], ["int8"])]
+        assert rows and all(line.endswith(" yes") for line in rows), out[-4000:]  # bit-exact column
     assert (tmp_path / "gpu_check.json").exists()
 
 

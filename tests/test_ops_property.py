@@ -443,3 +443,25 @@ def test_vera_linear_layer_saves_only_h(dtype):
     y, nbytes = saved_activation_bytes(lambda: layer(hidden), exclude)
     assert torch.isfinite(y).all()
     assert nbytes == 44 * r * hidden.element_size()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(13,), (3, 5)], ids=["2d", "3d"])
+def test_output_takes_in_place_ops(backend, lead):
+    """The op's output is a tensor of its own, not a view made inside an autograd.Function: a following in-place op
+    (nn.ReLU(inplace=True), logits /= T) works, and the gradients are those of the out-of-place computation."""
+    gen = torch.Generator().manual_seed(21)
+    in_f, out_f, r = 24, 20, 6
+    x = torch.randn(*lead, in_f, generator=gen, requires_grad=True)
+    W = torch.randn(out_f, in_f, generator=gen) * in_f**-0.5
+    A, B = torch.randn(r, in_f + 3, generator=gen), torch.randn(out_f + 2, r, generator=gen)
+    ld = torch.randn(r, generator=gen, requires_grad=True)
+    lb = torch.randn(out_f, generator=gen, requires_grad=True)
+    gy = torch.randn(*lead, out_f, generator=gen)
+    grads = []
+    for in_place in (False, True):
+        y = vk.ops.vera_linear(x, W, None, A, B, ld, lb, backend=backend)
+        y = y.relu_() if in_place else y.relu()
+        grads.append(torch.autograd.grad(y, [x, ld, lb], gy))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -23,11 +23,20 @@ def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.devi
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
+def with_leading_dims(y: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """A Function's (N, out) output given x's leading dimensions, as a tensor of its own rather than a view:
+    autograd forbids in-place ops on views made inside a custom Function, and a layer's output must take them
+    (``nn.ReLU(inplace=True)`` after it, ``logits /= T``). Used by the fused backends, which flatten inside."""
+    if len(x_shape) == 2:
+        return y
+    return torch.ops.aten._unsafe_view(y.contiguous(), (*x_shape[:-1], y.shape[-1]))
+
+
 class VeraLinearFunction(torch.autograd.Function):
     r"""y = base + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), with base = x W^T + b or a given tensor.
 
-    Shapes: x (N, in), A_s (r, in), B_s (out, r), lambda_d (r), lambda_b (out), W (out, in) or, with
-    fan_in_fan_out, (in, out). Let m be the dropout keep-mask and s = 1 / (1 - p), so dropout(x) = s (m * x).
+    Shapes: x (N, in) (any leading dimensions, flattened to N here), A_s (r, in), B_s (out, r), lambda_d (r),
+    lambda_b (out), W (out, in) or, with fan_in_fan_out, (in, out). Let m be the dropout keep-mask and s = 1 / (1 - p), so dropout(x) = s (m * x).
 
     Forward, in x's dtype with float32 lambdas folded into B (no (N x r) elementwise pass):
         h = dropout(x) A_s^T                               (N, r)   <- the only activation saved
@@ -78,7 +87,7 @@ class VeraLinearFunction(torch.autograd.Function):
         ctx.seed = seed
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.x_shape = x_shape
-        return y.reshape(*x_shape[:-1], y.shape[-1])
+        return with_leading_dims(y, x_shape)
 
     @staticmethod
     def backward(ctx, g_nd):

@@ -22,8 +22,8 @@ Kernels:
                         kernel; the fused base), and in backward, from the same reads of B_s,
                         dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
                         GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
-Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W) + the partials'
-column sum. Each Triton launch costs the host ~15 us of Python (bench/host_overhead.py), several times a torch
+Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused
+base, g W runs inside the up kernel) + the partials' column sum. Each Triton launch costs the host ~15 us of Python (bench/host_overhead.py), several times a torch
 op's, which is what small (host-bound) steps pay for: launches are only added where they save GPU time.
 A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
 float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
@@ -47,6 +47,7 @@ import triton.language as tl
 # ============================================================================================ reference
 # The math the kernels below implement, in plain torch (differentiable; float64 in the tests and gpu-check).
 from .reference import vera_formula  # noqa: E402,F401
+from .vera_torch import with_leading_dims  # noqa: E402
 
 
 # ============================================================================================ kernels
@@ -376,6 +377,7 @@ def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
     """(P, dlambda_b): P = diag(lambda_b) B_s [diag(fold_d)], a contiguous (out, r) tensor in ``dtype``; with
     ``dlb_from = (G, lambda_d)``, G = g^T h (out, r), also dlambda_b = rowsum(G * B_s * lambda_d) in float32 (else
     None), from the same reads of B_s. One small launch."""
+    assert fold_d is None or dlb_from is None, "lambda_d is folded in (fused base) or used for dlambda_b, not both"
     n_out, R = B_s.shape
     out = torch.empty((n_out, R), device=B_s.device, dtype=dtype)
     G, ld = dlb_from if dlb_from is not None else (None, fold_d)
@@ -516,7 +518,7 @@ def _bwd_impl(
     """(grad_x, dlambda_d, dlambda_b): grad_x in g's dtype, including the base's g W when ``weight`` is given; the
     lambda gradients in float32. Empty tensors for what is not asked for.
 
-    Three Triton launches (two without the lambdas' gradients) besides cuBLAS's g^T h and g W: scale_projection
+    Three Triton launches (two when x needs no gradient) besides cuBLAS's g^T h and g W: scale_projection
     writes diag(lambda_b) B_s and finishes dlambda_b from g^T h in the same pass over B_s; the down kernel gives
     grad_h and per-tile partials of dlambda_d (summed here, in a fixed order); the up kernel adds grad_h A_s."""
     cd = g.dtype
@@ -527,8 +529,8 @@ def _bwd_impl(
     grad_h, part_ld, _ = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
         dld = part_ld.sum(0)
-    else:
-        dld = dlb = g.new_empty((0,), dtype=torch.float32)
+    else:  # two tensors: a custom op's outputs may not alias each other
+        dld, dlb = g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
     if not need_x:
         return g.new_empty((0,)), dld, dlb
     seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
@@ -598,7 +600,7 @@ class VeraLinearTritonFunction(torch.autograd.Function):
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.base_gemm = base_gemm
         ctx.x_shape = x_shape
-        return y.reshape(*x_shape[:-1], y.shape[-1])
+        return with_leading_dims(y, x_shape)
 
     @staticmethod
     def backward(ctx, g_nd):

@@ -531,3 +531,20 @@ def test_cuda_dequantize_int8_bitexact(native, seed):
             for impl in impls():
                 assert_bitexact(D.dequantize_int8_rowwise(CB, SCB, dtype, impl=impl), vec.to(dtype), f"{impl}")
                 assert_bitexact(D.dequantize_int8_rowwise(CB, SCB, dtype, mode="matmul_fp", impl=impl), mm, impl)
+
+
+def test_stale_build_lock_is_cleared(tmp_path):
+    """torch's JIT build waits forever on a lock left by a killed build; one older than any build is removed (with a
+    warning), a fresh one (a build in progress) is left alone."""
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _native._clear_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - _native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        _native._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    _native._clear_stale_lock(tmp_path)  # no lock: nothing to do

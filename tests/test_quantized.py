@@ -780,3 +780,149 @@ def test_fallback_forward_matches_bitsandbytes(saved_model, quant, seed, monkeyp
         else:
             assert torch.equal(eval_f[path], layer_f[path][0].float()), path
         assert rel(eval_f[path], target) <= 1.25 * rel(eval_b[path], target) + 1e-6, path
+
+
+# ---------------------------------------------------------------------------------------------- failure handling
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_merge_and_unmerge_refusals_change_nothing_anywhere(saved_model, quant, seed):
+    """merge_adapter without safe_merge and unmerge_adapter on quantized layers: a non-finite result on the LAST
+    layer is found before the first layer changes (no layer merged or unmerged, bits untouched), and a refused unmerge
+    keeps the adapter recorded as merged (its delta is still in the weight)."""
+    model = patch_ours(load(saved_model, quant), vera_cfg())
+    set_lambdas(model, seed)
+    layers = vera_layers(model)
+    paths = list(layers)
+    broken = layers[paths[-1]]
+    good = broken.vera_lambda_d["default"].detach().clone()
+    before = {p: raw_bits(layers[p].base_layer) for p in paths}
+    with torch.no_grad():
+        broken.vera_lambda_d["default"][1] = float("nan")
+    with pytest.raises(ValueError, match="nothing was merged"):
+        vk.merge_adapter(model)
+    for p in paths:
+        assert not layers[p].merged_adapters, p
+        assert_bits_equal(raw_bits(layers[p].base_layer), before[p], f"{p} after a refused merge")
+    with torch.no_grad():
+        broken.vera_lambda_d["default"].copy_(good)
+    vk.merge_adapter(model)
+    merged = {p: raw_bits(layers[p].base_layer) for p in paths}
+    with torch.no_grad():  # the lambdas change while merged (a diverged step): no exact undo, and no finite one
+        broken.vera_lambda_d["default"][1] = float("nan")
+    with pytest.raises(ValueError, match="nothing was unmerged"):
+        vk.unmerge_adapter(model)
+    for p in paths:
+        assert layers[p].merged_adapters == ["default"], p
+        assert_bits_equal(raw_bits(layers[p].base_layer), merged[p], f"{p} after a refused unmerge")
+    with pytest.raises(ValueError, match="non-finite"):  # the layer's own unmerge (disable_adapter's path) as well
+        broken.unmerge()
+    assert broken.merged_adapters == ["default"]
+    with torch.no_grad():
+        broken.vera_lambda_d["default"].copy_(good)
+    vk.unmerge_adapter(model)
+    for p in paths:
+        assert not layers[p].merged_adapters
+        assert_bits_equal(raw_bits(layers[p].base_layer), before[p], f"{p} after the exact unmerge")
+
+
+def test_merge_checks_only_layers_that_take_the_adapter(saved_model, seed, monkeypatch):
+    """A layer without the adapter being merged is not asked whether it can take a merge (merge_adapter's pre-check
+    skips it, so the layer must too, or a refusal there would stop the merge after other layers changed)."""
+    model = patch_ours(load(saved_model, "nf4"), vera_cfg())
+    set_lambdas(model, seed)
+    layers = vera_layers(model)
+    lonely = layers[list(layers)[0]]
+    lonely.delete_adapter("default")  # this layer has no "default" adapter now
+    refused = []
+
+    def refuse(module):
+        if module is lonely.base_layer:
+            refused.append(module)
+            raise NotImplementedError("refused")
+
+    monkeypatch.setattr(qmerge, "check_mergeable", refuse)
+    vk.merge_adapter(model)
+    assert not refused
+    assert all(layer.merged_adapters == ["default"] for layer in layers.values() if layer is not lonely)
+
+
+def test_dequantize_and_merge_find_the_module_quant_state(saved_model, seed):
+    """A Linear4bit whose weight was re-wrapped as a plain Parameter (as FSDP does) keeps its QuantState on the
+    module only: dequantization and merge use it, as bitsandbytes' forward does."""
+    from vera_kernels.quant.dequant import dequantize_weight
+
+    model = patch_ours(load(saved_model, "nf4"), vera_cfg())
+    set_lambdas(model, seed)
+    layer = next(iter(vera_layers(model).values()))
+    module = layer.base_layer
+    dense = bnb_dense(module)
+    module.weight = torch.nn.Parameter(module.weight.data, requires_grad=False)
+    assert torch.equal(dequantize_weight(module, torch.float32), dense)
+    vk.merge_adapter(model)
+    assert layer.merged_adapters == ["default"]
+    assert rel(dequantize_weight(module, torch.float32), dense + layer.get_delta_weight("default")) < 0.2
+
+
+def test_requantization_keeps_the_quant_states_double_quantization(saved_model, seed):
+    """Double quantization on merge follows the layer's statistics, not a Params4bit attribute bitsandbytes may
+    have rebuilt with defaults."""
+    model = patch_ours(load(saved_model, "nf4"), vera_cfg())
+    set_lambdas(model, seed)
+    layer = next(iter(vera_layers(model).values()))
+    assert not layer.base_layer.weight.quant_state.nested
+    layer.base_layer.weight.compress_statistics = True  # what a rebuilt Params4bit says by default
+    vk.merge_adapter(model)
+    assert not layer.base_layer.weight.quant_state.nested
+
+
+@pytest.mark.parametrize("state", ["merged", "disabled"])
+def test_fallback_also_serves_merged_and_disabled_calls(saved_model, seed, monkeypatch, state):
+    """Where bitsandbytes has no kernel for the device (forced here), the merged and the adapter-disabled forwards
+    run the dequantize-then-matmul fallback too, not only the adapter one."""
+    monkeypatch.setattr(qbase, "FORCE_FALLBACK", True)
+    monkeypatch.setattr(qbase, "_warned", set())
+    model = patch_ours(load(saved_model, "nf4"), vera_cfg())
+    set_lambdas(model, seed)
+    calls = []
+    real = qbase.quantized_base_forward
+    monkeypatch.setattr(qbase, "quantized_base_forward", lambda m, x, *a, **k: calls.append(m) or real(m, x, *a, **k))
+    ids = ids_for(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qbase.QuantizedFallbackWarning)
+        if state == "merged":
+            vk.merge_adapter(model)
+            run(model, ids, "train")
+        else:
+            with vk.disable_adapter(model):
+                run(model, ids, "train")
+    assert len(calls) == len(vera_layers(model))
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_merged_model_pickles_and_its_copy_unmerges(saved_model, quant, seed):
+    """torch.save / deepcopy of a merged quantized model work; the copy keeps the merged weights and, without the
+    exact-undo snapshots (tied to the original's tensors), unmerges by requantizing; the original still restores its
+    exact bits."""
+    import io
+
+    model = patch_ours(load(saved_model, quant), vera_cfg())
+    set_lambdas(model, seed)
+    layers = vera_layers(model)
+    before = {p: raw_bits(layer.base_layer) for p, layer in layers.items()}
+    W0 = {p: bnb_dense(layer.base_layer) for p, layer in layers.items()}
+    vk.merge_adapter(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for copied in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        copied_layers = vera_layers(copied)
+        for p, layer in copied_layers.items():
+            assert layer.merged_adapters == ["default"] and not qmerge.has_original(layer.base_layer)
+            assert_bits_equal(raw_bits(layer.base_layer), raw_bits(layers[p].base_layer), f"{p} copy")
+        vk.unmerge_adapter(copied)
+        for p, layer in copied_layers.items():
+            assert not layer.merged_adapters
+            # back to the original weight within two requantizations' noise (nf4 ~0.1 each, int8 ~0.01)
+            assert rel(bnb_dense(layer.base_layer), W0[p]) < (0.05 if quant == "int8" else 0.25), p
+    vk.unmerge_adapter(model)
+    for p, layer in layers.items():
+        assert_bits_equal(raw_bits(layer.base_layer), before[p], f"{p} exact unmerge of the original")

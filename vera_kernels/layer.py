@@ -138,17 +138,19 @@ class VeraLinear(nn.Module):
             weight.add_(delta.to(weight.device), alpha=sign)
 
     def merge(self, adapter_names: Iterable[str]) -> None:
-        self._check_mergeable()
-        for name in adapter_names:
-            if name in self.merged_adapters or name not in self.vera_lambda_d:
-                continue
+        todo = [n for n in adapter_names if n not in self.merged_adapters and n in self.vera_lambda_d]
+        if todo:
+            self._check_mergeable()
+        for name in todo:
             self._add_delta(name, 1.0)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        self._check_mergeable()
+        if self.merged_adapters:
+            self._check_mergeable()
         while self.merged_adapters:
-            self._add_delta(self.merged_adapters.pop(), -1.0)
+            self._add_delta(self.merged_adapters[-1], -1.0)
+            self.merged_adapters.pop()  # only once the weight no longer holds it: a failed step keeps the record
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -160,12 +162,12 @@ class VeraLinear(nn.Module):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.vera_lambda_d]
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
 
         backend = resolve_backend(self.backend, x.device)
         # the fused backends compute in the activation dtype: cached casts of the float32 projections
@@ -179,12 +181,8 @@ class VeraLinear(nn.Module):
                 x, base.weight, base.bias, A_s, B_s, self.vera_lambda_d[first], self.vera_lambda_b[first],
                 self.vera_dropout[first], self.training, self.fan_in_fan_out, backend,
             )
-        elif self.quantized:
-            from .quant.base import quantized_base_forward
-
-            y, rest = quantized_base_forward(self.base_layer, x, *args, **kwargs), active
         else:
-            y, rest = self.base_layer(x, *args, **kwargs), active
+            y, rest = self._base_forward(x, *args, **kwargs), active
         if rest:
             vera_A, vera_B = self.vera_projections.for_compute(dtype)
         for name in rest:
@@ -193,6 +191,15 @@ class VeraLinear(nn.Module):
                 dropout_p=self.vera_dropout[name], training=self.training, backend=backend,
             )
         return y
+
+    def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer alone: bitsandbytes' forward for a quantized base, or dequantize-then-matmul where
+        bitsandbytes has no kernel for the device (merged, disabled or adapter-free calls included)."""
+        if self.quantized:
+            from .quant.base import quantized_base_forward
+
+            return quantized_base_forward(self.base_layer, x, *args, **kwargs)
+        return self.base_layer(x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

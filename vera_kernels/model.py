@@ -342,38 +342,48 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     for layer in layers:
         if any(n in layer.vera_lambda_d and n not in layer.merged_adapters for n in names):
             layer._check_mergeable()
-    if safe_merge:
-        for path, layer in vera_layers(model):
+    # safe_merge: every merged weight finite before any is merged. Quantized layers are always checked: their merge
+    # refuses a non-finite result, and that must happen before the first layer changes, not in the middle.
+    for path, layer in vera_layers(model):
+        if safe_merge or layer.quantized:
             todo = [n for n in names if n in layer.vera_lambda_d and n not in layer.merged_adapters]
-            if not todo:
-                continue
-            dense = layer.dense_base_weight()
-            w = dense.float()
-            check_dtype = dense.dtype
-            if layer.quantized:  # bitsandbytes quantizes from this dtype (float16 for int8): overflow there is inf too
-                from .quant.merge import quantizer_input_dtype
-
-                check_dtype = quantizer_input_dtype(layer.base_layer)
-            for n in todo:
-                w = w + layer.get_delta_weight(n).to(w.device)
-                if not torch.isfinite(w.to(check_dtype)).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {n} seems to be broken (layer {path}); "
-                        "nothing was merged"
-                    )
+            _check_finite_after(path, layer, todo, 1.0, "merged", "nothing was merged")
     for layer in layers:
         layer.merge(names)
+
+
+def _check_finite_after(path: str, layer: VeraLinear, names: list[str], sign: float, what: str, outcome: str) -> None:
+    """Raise if adding ``sign`` * the deltas of ``names`` to the layer's weight, in order, gives a non-finite weight
+    (in the dtype bitsandbytes quantizes from, for a quantized layer: float16 for int8, where overflow is inf too)."""
+    if not names:
+        return
+    dense = layer.dense_base_weight()
+    w = dense.float()
+    check_dtype = dense.dtype
+    if layer.quantized:
+        from .quant.merge import quantizer_input_dtype
+
+        check_dtype = quantizer_input_dtype(layer.base_layer)
+    for n in names:
+        w = w + sign * layer.get_delta_weight(n).to(w.device)
+        if not torch.isfinite(w.to(check_dtype)).all():
+            raise ValueError(
+                f"NaNs detected in the {what} weights. The adapter {n} seems to be broken (layer {path}); {outcome}"
+            )
 
 
 def unmerge_adapter(model: nn.Module) -> None:
     """Undo every merge (the base weights come back up to float rounding, as in PEFT)."""
     _require_state(model)
-    layers = [layer for _, layer in vera_layers(model) if layer.merged]
-    if not layers:
+    pairs = [(path, layer) for path, layer in vera_layers(model) if layer.merged]
+    if not pairs:
         warnings.warn("Already unmerged. Nothing to do.")
-    for layer in layers:
+    for _, layer in pairs:
         layer._check_mergeable()
-    for layer in layers:
+    for path, layer in pairs:  # a quantized unmerge refuses a non-finite result: find it before any layer changes
+        if layer.quantized:
+            _check_finite_after(path, layer, layer.merged_adapters[::-1], -1.0, "unmerged", "nothing was unmerged")
+    for _, layer in pairs:
         layer.unmerge()
 
 

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -172,6 +173,7 @@ def _jit_build(cuda: bool, openmp: bool):
     name = "vera_kernels_C_" + ("cuda" if cuda else "cpu") + ("" if openmp else "_noomp")
     build_dir = _cache_base() / f"{name}-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
     module = cpp_extension.load(
         name=name,
         sources=[str(s) for s in sources],
@@ -185,6 +187,27 @@ def _jit_build(cuda: bool, openmp: bool):
         is_python_module=True,
     )
     return module, build_dir
+
+
+STALE_LOCK_S = 900  # a build here takes seconds (CPU) to a couple of minutes (CUDA)
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """torch's JIT build waits, with no timeout, on a ``lock`` file in the build folder; a build killed midway
+    (OOM, a job's time limit) leaves it behind and every later first use would hang. A lock older than any build
+    takes is removed, with a warning."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"vera_kernels: removing a stale build lock ({age / 60:.0f} min old) in {build_dir}",
+                      stacklevel=3)
+        try:
+            lock.unlink()
+        except OSError:
+            pass
 
 
 def _load() -> tuple[object, str]:

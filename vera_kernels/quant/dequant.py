@@ -459,6 +459,24 @@ def unpack_cpu_packed_weight(packed: torch.Tensor, quant_state, block_n: int = 3
     return packed_std, state
 
 
+def quant_state_of(module):
+    """The QuantState of a bitsandbytes 4-bit layer whose weight holds packed 4-bit data, else None (a float weight,
+    or no 4-bit layer). The weight's own ``quant_state`` first; else the module's, when the weight is marked
+    quantized, is not a float tensor, or is not (out_features, in_features) shaped (a ``Params4bit`` re-wrapped as a
+    plain Parameter, as FSDP does, keeps its packed shape). The one rule merge and dequantization both use."""
+    weight = module.weight
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None:
+        return qs
+    qs = getattr(module, "quant_state", None)
+    if qs is None:
+        return None
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    packed = (getattr(weight, "bnb_quantized", False) or not weight.is_floating_point()
+              or tuple(weight.shape) != shape)
+    return qs if packed else None
+
+
 def dequantize_weight(module, out_dtype: Optional[torch.dtype] = None, *, impl=None, int8_mode: str = "vectorwise"):
     """Dense ``(out_features, in_features)`` weight of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` module.
 
@@ -474,9 +492,7 @@ def dequantize_weight(module, out_dtype: Optional[torch.dtype] = None, *, impl=N
       ``nn.Linear``): a detached copy, cast to ``out_dtype`` if given.
     """
     weight = module.weight
-    qs = getattr(weight, "quant_state", None)
-    if qs is None and hasattr(weight, "bnb_quantized") and getattr(weight, "bnb_quantized", False):
-        qs = getattr(module, "quant_state", None)
+    qs = quant_state_of(module)
     if qs is not None:
         if out_dtype is None and getattr(qs, "packing_format_for_cpu", False):
             out_dtype = getattr(qs, "original_dtype", None)

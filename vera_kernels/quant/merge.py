@@ -14,7 +14,8 @@ original settings:
 
 * 4-bit: ``bitsandbytes.functional.quantize_4bit(W'.to(dtype), blocksize, compress_statistics, quant_type,
   quant_storage)``, ``dtype`` = the quant state's dtype (its ``original_dtype`` after bitsandbytes' CPU repacking),
-  the other settings from the ``Params4bit``. The new packed data and quant state go into the SAME ``Params4bit``
+  blocksize, quant_type and double quantization as the quant state has them, the storage dtype from the
+  ``Params4bit``. The new packed data and quant state go into the SAME ``Params4bit``
   object (``weight.data`` / ``weight.quant_state``) and ``module.quant_state``: parameter identity, ``requires_grad``,
   ``compute_dtype`` and every other attribute stay. The result is in bitsandbytes' standard layout; the next
   eval-mode CPU forward repacks it, exactly as for a freshly loaded layer.
@@ -33,7 +34,8 @@ arithmetic: another positive ``alpha`` pushes a new step; a negative ``alpha`` t
 lambdas were changed while merged), or weights that were replaced or modified in place since our last write (a
 device move, ``load_state_dict``), drop the whole stack. Cost while merged: one extra copy of the layer's quantized
 weight per merged adapter (4-bit: ~0.5 byte per weight plus statistics; 8-bit: 1 byte), freed by the matching
-unmerge or :func:`release_original`. Set ``KEEP_ORIGINAL = False`` to never keep it.
+unmerge or :func:`release_original`. Set ``KEEP_ORIGINAL = False`` to never keep it. A pickled (``torch.save``) or
+deep-copied model keeps its merged weights but not the snapshots: its unmerge requantizes.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any, Optional
 
 import torch
 
-from .dequant import dequantize_weight
+from .dequant import dequantize_weight, quant_state_of
 
 __all__ = [
     "check_mergeable",
@@ -75,9 +77,7 @@ def _kind(module) -> str:
     raise TypeError(f"vera_kernels: {type(module).__name__} is not a bitsandbytes Linear4bit / Linear8bitLt layer")
 
 
-def _quant_state(module):
-    qs = getattr(module.weight, "quant_state", None)
-    return qs if qs is not None else getattr(module, "quant_state", None)
+_quant_state = quant_state_of  # the same rule as dequantize_weight's
 
 
 def _is_quantized_4bit(module) -> bool:
@@ -179,6 +179,11 @@ class _Stack:
     # what our last write installed, to notice a replacement / in-place change by someone else
     marks: tuple = ()
 
+    def __reduce__(self):
+        # torch.save / pickle / deepcopy of a merged model: the snapshots belong to this process's tensors (weak
+        # references): a copy starts without them, so its unmerge requantizes instead of restoring the bits
+        return (_Stack, ())
+
 
 def _delta_key(delta: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple:
     """Shape and a hash of the float32 bytes of ``delta`` (host copies in bounded chunks for device tensors)."""
@@ -193,16 +198,20 @@ def _marks(module, kind: str) -> tuple:
     """What our last write installed (weak references and version counters; bitsandbytes' CPU repacking keeps them)."""
     w = module.weight
     if kind == "4bit":
-        return (weakref.ref(w), w._version, weakref.ref(_quant_state(module)))
+        # the device too: Module.to swaps .data (no version bump) and moves the QuantState in place. Not the storage
+        # pointer: bitsandbytes' CPU repacking swaps it, and an unmerge after it is still exact
+        return (weakref.ref(w), w._version, w.device, weakref.ref(_quant_state(module)))
     scb = _current_scb(module)
     return (weakref.ref(w), w._version, w.data.data_ptr(), weakref.ref(scb), scb._version)
 
 
 def _still_ours(module, kind: str, marks: tuple) -> bool:
+    if not marks:
+        return False
     w = module.weight
     if kind == "4bit":
-        ref_w, version, ref_qs = marks
-        return ref_w() is w and w._version == version and ref_qs() is _quant_state(module)
+        ref_w, version, device, ref_qs = marks
+        return ref_w() is w and w._version == version and w.device == device and ref_qs() is _quant_state(module)
     ref_w, version, ptr, ref_scb, scb_version = marks
     scb = _current_scb(module)
     return (ref_w() is w and w._version == version and w.data.data_ptr() == ptr and ref_scb() is scb
@@ -278,9 +287,9 @@ def _requantize_4bit(module, W: torch.Tensor) -> None:
     w = module.weight
     qs = _quant_state(module)
     packed = getattr(qs, "packing_format_for_cpu", False)
-    compress = getattr(w, "compress_statistics", None)
-    if compress is None:
-        compress = qs.original_nested if packed else bool(qs.nested)
+    # double quantization as the layer's statistics are now (bitsandbytes may rebuild a Params4bit with default
+    # attributes, e.g. fix_4bit_weight_quant_state_from_module: its compress_statistics is not to be trusted)
+    compress = qs.original_nested if packed else bool(qs.nested)
     storage = getattr(w, "quant_storage", None)
     if storage is None:
         storage = getattr(qs, "original_storage_type", None) or (torch.uint8 if packed else w.dtype)

@@ -548,3 +548,28 @@ def test_stale_build_lock_is_cleared(tmp_path):
         _native._clear_stale_lock(tmp_path)
     assert not lock.exists()
     _native._clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_cuda_toolkit_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME as dirname(dirname(which nvcc)); for a wrapper script such as /usr/local/bin/nvcc
+    that folder has no headers. The JIT build looks for a toolkit with nvcc AND cuda_runtime_api.h, following the
+    wrapper to the toolkit it runs."""
+    from torch.utils import cpp_extension
+
+    toolkit = tmp_path / "cuda-99.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    wrapper_dir = tmp_path / "wrapper" / "bin"
+    wrapper_dir.mkdir(parents=True)
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec "{toolkit}/bin/nvcc" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "wrapper"))  # torch's guess: no headers there
+    monkeypatch.setattr(_native, "_is_toolkit", lambda home: bool(home) and str(home).startswith(str(tmp_path))
+                        and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")))
+    assert _native._cuda_toolkit() == str(toolkit)

@@ -80,9 +80,12 @@ def _ops_registered() -> bool:
         return False
 
 
-def _short(exc: BaseException, limit: int = 400) -> str:
+def _short(exc: BaseException, limit: int = 400, tail: bool = False) -> str:
+    """One line; ``tail`` keeps the end (a build error starts with the whole compiler command, ends with why)."""
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " | ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    return "..." + text[3 - limit:] if tail else text[: limit - 3] + "..."
 
 
 def csrc_dir() -> Path:
@@ -129,15 +132,48 @@ def _ensure_ninja() -> Optional[str]:
     return "ninja was not found (pip install ninja)"
 
 
+def _is_toolkit(home: Optional[str]) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+def _cuda_toolkit() -> Optional[str]:
+    """A CUDA toolkit folder with nvcc AND headers: torch's CUDA_HOME guess, else the toolkit an nvcc on PATH really
+    belongs to (torch guesses dirname(dirname(nvcc)), wrong for a wrapper such as /usr/local/bin/nvcc), else
+    /usr/local/cuda."""
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    for home in candidates:
+        if _is_toolkit(home):
+            return home
+    if nvcc:  # a wrapper script: the toolkit it runs (e.g. exec /usr/local/cuda-13.0/bin/nvcc "$@")
+        try:
+            text = Path(nvcc).read_text(errors="ignore")[:4096]
+        except OSError:
+            text = ""
+        for word in text.replace('"', " ").replace("'", " ").split():
+            if word.endswith("/bin/nvcc") and _is_toolkit(os.path.dirname(os.path.dirname(word))):
+                return os.path.dirname(os.path.dirname(word))
+    return None
+
+
 def _cuda_wanted() -> tuple[bool, str]:
     if not torch.cuda.is_available() or not torch.version.cuda:
         return False, "no CUDA device"
     try:
-        from torch.utils.cpp_extension import CUDA_HOME
+        home = _cuda_toolkit()
     except Exception as exc:  # pragma: no cover
         return False, _short(exc)
-    if not CUDA_HOME or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return False, "nvcc not found (set CUDA_HOME)"
+    if home is None:
+        return False, "no CUDA toolkit with nvcc and headers found (set CUDA_HOME)"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME != home:  # the JIT build reads these
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
     return True, ""
 
 
@@ -238,16 +274,20 @@ def _load() -> tuple[object, str]:
         reasons.append(err)
         return None, "none: " + "; ".join(reasons)
     cuda, why_not = _cuda_wanted()
+    if torch.cuda.is_available() and why_not:
+        reasons.append(f"no CUDA kernels: {why_not}")
     attempts = ([(True, True)] if cuda else []) + [(False, True), (False, False)]
     for use_cuda, openmp in attempts:
         try:
             module, build_dir = _jit_build(use_cuda, openmp)
             if _ops_registered():
-                return module, f"jit: {build_dir} [{_build_info()}]"
+                # a CUDA machine that got a CPU-only build says why
+                why = f"; {'; '.join(reasons)}" if reasons and torch.cuda.is_available() else ""
+                return module, f"jit: {build_dir} [{_build_info()}]{why}"
             reasons.append(f"JIT module {getattr(module, '__name__', module)} registered no ops")
         except Exception as exc:
             kind = ("cuda" if use_cuda else "cpu") + ("" if openmp else " without OpenMP")
-            reasons.append(f"JIT build ({kind}) failed: {_short(exc)}")
+            reasons.append(f"JIT build ({kind}) failed: {_short(exc, 1500, tail=True)}")
             if _ops_registered():  # partially succeeded (loaded but something after failed)
                 return True, f"jit: loaded with errors [{_build_info()}]"
     return None, "none: " + "; ".join(reasons)

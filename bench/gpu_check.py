@@ -62,6 +62,15 @@ def _env_without_switches() -> dict:
     return {k: v for k, v in os.environ.items() if k != ENV_BASE_GEMM}
 
 
+# how the base arrangements are named in case and row labels
+BASE_LABELS = {"cublas": "cublas", "cublas-accumulate": "cublas-acc", "triton": "fused"}
+
+
+def _failure(exc: BaseException, trace_chars: int = 1500) -> dict:
+    """A check or case that raised: failed, with what and where."""
+    return dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-trace_chars:])
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -96,7 +105,7 @@ def correctness_cases(smoke: bool):
         ]
     cases = []
     for base in _base_gemms():
-        tag = {"triton": "fused", "cublas-accumulate": "cublas-acc"}.get(base, base)
+        tag = BASE_LABELS[base]
         cases += [
             (f"odd-{tag}", dict(N=1000, fin=1001, fout=777, r=63, in_max=1111, out_max=1501, base=base)),
             (f"llama-{tag}", dict(N=4096, fin=2048, fout=5632, r=256, in_max=5632, out_max=5632, base=base)),
@@ -257,7 +266,7 @@ def dequant_worker(smoke: bool, out_path: str):
             res["speed"] = speed
             res["ok"] = res["ok"] and speed["ok"]
     except Exception as exc:
-        res.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
+        res.update(_failure(exc))
     res["s"] = round(time.time() - t0, 1)
     with open(out_path, "w") as f:
         json.dump(res, f)
@@ -277,8 +286,7 @@ def phase_a_worker(dtype_name: str, smoke: bool, out_path: str):
             ok, rows = run_case(dtype_name, device=device, **kw)
             results.append(dict(case=name, dtype=dtype_name, ok=ok, rows=rows, s=time.time() - t0))
         except Exception as exc:  # a failing case must not hide the others
-            results.append(dict(case=name, dtype=dtype_name, ok=False, error=f"{type(exc).__name__}: {exc}",
-                                trace=traceback.format_exc()[-2000:], s=time.time() - t0))
+            results.append(dict(_failure(exc, 2000), case=name, dtype=dtype_name, s=time.time() - t0))
     with open(out_path, "w") as f:
         json.dump(results, f)
 
@@ -430,11 +438,10 @@ def layer_bench(smoke: bool):
         variants = [("reference", None), ("torch", None)] + [("triton", mode) for mode in _base_gemms()]
         if smoke:
             variants = [("reference", None), ("torch", None), ("triton", "cublas")]
-        names = {"cublas": "triton-cublas", "cublas-accumulate": "triton-cublas-acc", "triton": "triton-fused"}
         for backend, mode in variants:
             m = vk.patch_model(copy.deepcopy(base), vk.VeraConfig(r=r, target_modules=["lin"], init_weights=False),
                                backend=backend)
-            impls[backend if mode is None else names[mode]] = (m, mode)
+            impls[backend if mode is None else f"triton-{BASE_LABELS[mode]}"] = (m, mode)
         xs = [torch.randn(tokens, fin, device=dev, dtype=dtype, requires_grad=True) for _ in range(3)]
         gy = torch.randn(tokens, fout, device=dev, dtype=dtype)
         state = {"i": 0}
@@ -655,27 +662,21 @@ def main():
         dq_env["PYTHONPATH"] = os.pathsep.join(p for p in (CARRIED_SITE, dq_env.get("PYTHONPATH")) if p)
     dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT, start_new_session=True, env=dq_env)
     dq_start = time.time()
+    on_gpu = torch.cuda.is_available() and not args.cpu_smoke
+    checks = ((("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)) if on_gpu else
+              (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
+               ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True)))),
+               ("compile", lambda: compile_check("cpu"))))
     extra = {}
-    if torch.cuda.is_available() and not args.cpu_smoke:
-        for name, fn in (("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)):
-            t0 = time.time()
-            try:
-                extra[name] = fn()
-            except Exception as exc:
-                extra[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
-            extra[name]["s"] = round(time.time() - t0, 1)
-            torch.cuda.empty_cache()
-    else:
-        for name, fn in (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
-                         ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True))))):
-            try:
-                extra[name] = fn()
-            except Exception as exc:
-                extra[name] = dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
+    for name, fn in checks:
+        t0 = time.time()
         try:
-            extra["compile"] = compile_check("cpu")
+            extra[name] = fn()
         except Exception as exc:
-            extra["compile"] = dict(ok=False, error=f"{type(exc).__name__}: {exc}")
+            extra[name] = _failure(exc)
+        extra[name]["s"] = round(time.time() - t0, 1)
+        if on_gpu:
+            torch.cuda.empty_cache()
     results = []
     for dt, path, p in procs:
         rc = p.wait()
@@ -764,18 +765,19 @@ def main():
         try:
             proc = subprocess.run(cmd, cwd=ROOT, timeout=args.model_timeout, capture_output=True, text=True,
                                   env=dict(_env_without_switches(), PYTHONPATH=ROOT))
-            with open(text_path, "w") as f:
-                f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-            print(proc.stdout[-6000:])
-            if proc.returncode:
-                print(proc.stderr[-3000:])
-            report["model_bench_rc"] = proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            partial = [(x.decode(errors="replace") if isinstance(x, bytes) else x) or "" for x in (exc.stdout, exc.stderr)]
-            with open(text_path, "w") as f:
-                f.write(partial[0] + "\n--- stderr ---\n" + partial[1])
-            print(f"model bench timed out after {args.model_timeout} s; where it got to:\n{partial[1][-2000:]}")
-            report["model_bench_rc"] = "timeout"
+            stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as exc:  # what it printed so far (bytes, whatever text=True says)
+            stdout, stderr = [(x.decode(errors="replace") if isinstance(x, bytes) else x) or ""
+                              for x in (exc.stdout, exc.stderr)]
+            rc = "timeout"
+        with open(text_path, "w") as f:
+            f.write(stdout + "\n--- stderr ---\n" + stderr)
+        print(stdout[-6000:])
+        if rc == "timeout":
+            print(f"model bench timed out after {args.model_timeout} s; where it got to:\n{stderr[-2000:]}")
+        elif rc:
+            print(stderr[-3000:])
+        report["model_bench_rc"] = rc
         print(f"(phase C {time.time() - t0:.0f} s)")
 
     dump()

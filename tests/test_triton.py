@@ -216,8 +216,8 @@ def test_down_kernel_grid_orders_agree(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_scale_projection_and_dlambda_b(n_out, dtype):
     """One launch gives diag(lambda_b) B_s (one rounding to the compute dtype) and dlambda_b from G = g^T h, over
-    R = 200 (two r-blocks) and out = 77 (two programs, a partial one) or none; and, for the fused base, the
-    projection with lambda_d folded in."""
+    R = 200 (several r-blocks, the last partial) and out = 77 (two programs, a partial one) or none; and, for the
+    fused base, the projection with lambda_d folded in."""
     gen = torch.Generator().manual_seed(9)
     R = 200
     B_s = torch.randn(n_out, R, generator=gen).to(dtype)

@@ -137,8 +137,12 @@ class VeraLinear(nn.Module):
         with torch.no_grad():
             weight.add_(delta.to(weight.device), alpha=sign)
 
+    def pending(self, adapter_names: Iterable[str]) -> list[str]:
+        """Those of ``adapter_names`` this layer has and has not merged yet: what a merge of them would add."""
+        return [n for n in adapter_names if n in self.vera_lambda_d and n not in self.merged_adapters]
+
     def merge(self, adapter_names: Iterable[str]) -> None:
-        todo = [n for n in adapter_names if n not in self.merged_adapters and n in self.vera_lambda_d]
+        todo = self.pending(adapter_names)
         if todo:
             self._check_mergeable()
         for name in todo:

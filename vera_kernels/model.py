@@ -338,17 +338,16 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     names = list(state.active) if adapter_names is None else list(adapter_names)
     for n in names:
         _require_adapter(state, n)
-    layers = [layer for _, layer in vera_layers(model)]
-    for layer in layers:
-        if any(n in layer.vera_lambda_d and n not in layer.merged_adapters for n in names):
+    todo = [(path, layer, layer.pending(names)) for path, layer in vera_layers(model)]
+    for _, layer, pending in todo:
+        if pending:
             layer._check_mergeable()
     # safe_merge: every merged weight finite before any is merged. Quantized layers are always checked: their merge
     # refuses a non-finite result, and that must happen before the first layer changes, not in the middle.
-    for path, layer in vera_layers(model):
+    for path, layer, pending in todo:
         if safe_merge or layer.quantized:
-            todo = [n for n in names if n in layer.vera_lambda_d and n not in layer.merged_adapters]
-            _check_finite_after(path, layer, todo, 1.0, "merged", "nothing was merged")
-    for layer in layers:
+            _check_finite_after(path, layer, pending, 1.0, "merged", "nothing was merged")
+    for _, layer, _ in todo:
         layer.merge(names)
 
 

@@ -111,12 +111,12 @@ class VeraProjections(nn.Module):
         if torch.compiler.is_compiling():
             return A[:, :in_features], B[:out_features]
         key = (dtype, in_features, out_features)
-        src = (A, B, A.data_ptr(), B.data_ptr())  # the same tensors on the same storage (`.data =`, swap_tensors)
+        storage = (A.data_ptr(), B.data_ptr())  # the same tensors on the same storage (`.data =`, swap_tensors)
         hit = self._slice_cache.get(key)
-        if hit is None or hit[0] is not A or hit[1] is not B or hit[2:4] != src[2:]:
-            hit = src + (A[:, :in_features], B[:out_features])
+        if hit is None or hit[0] is not A or hit[1] is not B or hit[2] != storage:
+            hit = (A, B, storage, A[:, :in_features], B[:out_features])
             self._slice_cache[key] = hit
-        return hit[4], hit[5]
+        return hit[3], hit[4]
 
     def _apply(self, fn, recurse=True):
         self._cast_cache.clear()  # casts and views of the tensors being moved or replaced

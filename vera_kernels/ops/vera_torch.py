@@ -36,7 +36,8 @@ class VeraLinearFunction(torch.autograd.Function):
     r"""y = base + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), with base = x W^T + b or a given tensor.
 
     Shapes: x (N, in) (any leading dimensions, flattened to N here), A_s (r, in), B_s (out, r), lambda_d (r),
-    lambda_b (out), W (out, in) or, with fan_in_fan_out, (in, out). Let m be the dropout keep-mask and s = 1 / (1 - p), so dropout(x) = s (m * x).
+    lambda_b (out), W (out, in) or, with fan_in_fan_out, (in, out). Let m be the dropout keep-mask and
+    s = 1 / (1 - p), so dropout(x) = s (m * x).
 
     Forward, in x's dtype with float32 lambdas folded into B (no (N x r) elementwise pass):
         h = dropout(x) A_s^T                               (N, r)   <- the only activation saved

@@ -23,8 +23,9 @@ Kernels:
                         dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
                         GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
 Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused
-base, g W runs inside the up kernel) + the partials' column sum. Each Triton launch costs the host ~15 us of Python (bench/host_overhead.py), several times a torch
-op's, which is what small (host-bound) steps pay for: launches are only added where they save GPU time.
+base, g W runs inside the up kernel) + the partials' column sum. Each Triton launch costs the host ~15 us of Python
+(bench/host_overhead.py), several times a torch op's, which is what small (host-bound) steps pay for: launches are
+only added where they save GPU time.
 A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
 float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
 small operand; every dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in
@@ -424,7 +425,7 @@ ENV_BASE_GEMM = "VERA_KERNELS_BASE_GEMM"
 BASE_GEMMS = ("cublas", "cublas-accumulate", "triton")
 
 
-def base_gemm_mode(M: int, dtype: torch.dtype, device: torch.device) -> str:
+def base_gemm_mode() -> str:
     """How the base GEMM (y = x W^T + b forward, grad_x = g W backward) meets the rank-r update:
 
     - "cublas": cuBLAS writes the base; the up kernel read-modify-writes the rank-r update into it.
@@ -649,7 +650,7 @@ def vera_linear_triton(
     base_gemm: Optional[str] = None,
 ) -> torch.Tensor:
     if base_gemm is None:
-        base_gemm = base_gemm_mode(x.numel() // max(1, x.shape[-1]), x.dtype, x.device)
+        base_gemm = base_gemm_mode()
     elif base_gemm not in BASE_GEMMS:
         raise ValueError(f"vera_kernels: base_gemm={base_gemm!r}: choose one of {BASE_GEMMS}")
     return VeraLinearTritonFunction.apply(

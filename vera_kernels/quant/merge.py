@@ -77,12 +77,9 @@ def _kind(module) -> str:
     raise TypeError(f"vera_kernels: {type(module).__name__} is not a bitsandbytes Linear4bit / Linear8bitLt layer")
 
 
-_quant_state = quant_state_of  # the same rule as dequantize_weight's
-
-
 def _is_quantized_4bit(module) -> bool:
     w = module.weight
-    return bool(getattr(w, "bnb_quantized", False)) or w.dtype == torch.uint8 or _quant_state(module) is not None
+    return bool(getattr(w, "bnb_quantized", False)) or w.dtype == torch.uint8 or quant_state_of(module) is not None
 
 
 def _scb_places(module) -> list[tuple[Any, str]]:
@@ -120,7 +117,7 @@ def check_mergeable(module) -> None:
             if w.dtype not in _FLOAT_DTYPES:
                 raise TypeError(f"vera_kernels: cannot merge into {where}: unquantized weight of dtype {w.dtype}")
             return
-        qs = _quant_state(module)
+        qs = quant_state_of(module)
         if qs is None:
             raise ValueError(f"vera_kernels: cannot merge into {where}: quantized weight without a quant_state")
         if qs.quant_type not in ("nf4", "fp4"):
@@ -200,7 +197,7 @@ def _marks(module, kind: str) -> tuple:
     if kind == "4bit":
         # the device too: Module.to swaps .data (no version bump) and moves the QuantState in place. Not the storage
         # pointer: bitsandbytes' CPU repacking swaps it, and an unmerge after it is still exact
-        return (weakref.ref(w), w._version, w.device, weakref.ref(_quant_state(module)))
+        return (weakref.ref(w), w._version, w.device, weakref.ref(quant_state_of(module)))
     scb = _current_scb(module)
     return (weakref.ref(w), w._version, w.data.data_ptr(), weakref.ref(scb), scb._version)
 
@@ -211,7 +208,7 @@ def _still_ours(module, kind: str, marks: tuple) -> bool:
     w = module.weight
     if kind == "4bit":
         ref_w, version, device, ref_qs = marks
-        return ref_w() is w and w._version == version and w.device == device and ref_qs() is _quant_state(module)
+        return ref_w() is w and w._version == version and w.device == device and ref_qs() is quant_state_of(module)
     ref_w, version, ptr, ref_scb, scb_version = marks
     scb = _current_scb(module)
     return (ref_w() is w and w._version == version and w.data.data_ptr() == ptr and ref_scb() is scb
@@ -271,11 +268,16 @@ def quantizer_input_dtype(module) -> torch.dtype:
     layer's original float dtype (its quant state's dtype before any CPU repacking), float16 for an int8 weight (what
     ``Int8Params`` quantizes from), the weight's own dtype for a float weight."""
     check_mergeable(module)
+    return _quantizer_input_dtype(module, _kind(module))
+
+
+def _quantizer_input_dtype(module, kind: str) -> torch.dtype:
+    """quantizer_input_dtype for a layer check_mergeable has accepted."""
     w = module.weight
-    if _kind(module) == "4bit":
+    if kind == "4bit":
         if not _is_quantized_4bit(module):
             return w.dtype
-        qs = _quant_state(module)
+        qs = quant_state_of(module)
         return qs.original_dtype if getattr(qs, "packing_format_for_cpu", False) else qs.dtype
     return torch.float16 if w.dtype == torch.int8 else w.dtype
 
@@ -285,7 +287,7 @@ def _requantize_4bit(module, W: torch.Tensor) -> None:
     import bitsandbytes.functional as F
 
     w = module.weight
-    qs = _quant_state(module)
+    qs = quant_state_of(module)
     packed = getattr(qs, "packing_format_for_cpu", False)
     # double quantization as the layer's statistics are now (bitsandbytes may rebuild a Params4bit with default
     # attributes, e.g. fix_4bit_weight_quant_state_from_module: its compress_statistics is not to be trusted)
@@ -358,7 +360,7 @@ def add_to_quantized_weight_(module, delta: torch.Tensor, alpha: float) -> None:
 
         W = dequantize_weight(module, torch.float32)
         W.add_(delta.to(device=W.device, dtype=torch.float32), alpha=alpha)
-        target = W.to(quantizer_input_dtype(module))  # what bitsandbytes quantizes from
+        target = W.to(_quantizer_input_dtype(module, kind))  # what bitsandbytes quantizes from
         if not torch.isfinite(target).all():
             raise ValueError(f"vera_kernels: merging into {where} gives non-finite weights; nothing was changed")
         saved = _snapshot(module, kind)

@@ -9,7 +9,8 @@ Phases
      three base-GEMM arrangements (cuBLAS then update, update then cuBLAS accumulating, fused Triton GEMM),
      deterministic and atomic reductions. Each error is judged against PyTorch's own error
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
-     Plus a > 2**31-element input (64-bit offsets) and torch.compile(fullgraph=True) of a patched layer, and (in a
+     Plus a > 2**31-element input (64-bit offsets), torch.compile(fullgraph=True) of a patched layer, dropout in a
+     captured CUDA graph (a fresh mask per replay, each checked against its own seed), and (in a
      fourth process, which JIT-builds the C++/CUDA extension) the native dequantization kernels against the
      PyTorch path bit for bit on CUDA (tests/dequant_crosscheck.py; the GPU image has no bitsandbytes), then their
      throughput against bitsandbytes' CUDA dequantization where bitsandbytes imports (`make gpu-carry` prepares a
@@ -333,6 +334,79 @@ def _offsets_case(base, x, W, A, B, ld, lb, N, dev):
     gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ Bl) * ld.double()) @ A.double()
     gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
     return dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
+
+
+def cuda_graph_dropout_check(smoke: bool = False):
+    """Adapter dropout (triton backend) captured in a CUDA graph with its backward, replayed three times: each replay
+    must draw a fresh seed on the device (a fresh mask) and give the output and gradients of the formula with the
+    mask regenerated from the seed that replay wrote, and not those of another replay's mask (which shows the check
+    can fail). ``smoke``: the same code run eagerly on the CPU (interpreter), no capture."""
+    import torch
+
+    import vera_kernels.ops as ops
+    from vera_kernels.ops import vera_triton as vt
+    from vera_kernels.ops.reference import vera_formula
+
+    dev = torch.device("cpu" if smoke else "cuda")
+    dt = torch.float32 if smoke else torch.bfloat16
+    N, fin, fout, r, p = (37, 45, 29, 8, 0.3) if smoke else (1000, 1032, 2072, 64, 0.3)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(N, fin, generator=gen).to(dev, dt).requires_grad_(True)
+    W = (torch.randn(fout, fin, generator=gen) * fin**-0.5).to(dev, dt)
+    A = (torch.randn(r, fin, generator=gen) * 0.1).to(dev)
+    B = (torch.randn(fout, r, generator=gen) * 0.3).to(dev)
+    ld = torch.randn(r, generator=gen).to(dev).requires_grad_(True)
+    lb = torch.randn(fout, generator=gen).to(dev).requires_grad_(True)
+    gy = torch.randn(N, fout, generator=gen).to(dev, dt)
+    seeds, draw = [], ops.draw_dropout_seed
+
+    def spy(device=None):  # the seed tensor the op draws: inside the graph, each replay rewrites it
+        seeds.append(draw(device))
+        return seeds[-1]
+
+    def step():
+        y = ops.vera_linear(x, W, None, A, B, ld, lb, dropout_p=p, training=True, backend="triton")
+        return [y] + list(torch.autograd.grad(y, [x, ld, lb], gy))
+
+    runs = []
+    ops.draw_dropout_seed = spy
+    try:
+        if smoke:
+            for _ in range(3):
+                outs = step()
+                runs.append((outs, int(seeds[-1])))
+        else:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream: Triton compiles, cuBLAS workspaces
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = step()
+            seed_t = seeds[-1]
+            for _ in range(3):
+                graph.replay()
+                torch.cuda.synchronize()
+                runs.append(([t.clone() for t in static], int(seed_t.item())))
+    finally:
+        ops.draw_dropout_seed = draw
+
+    def err_vs(outs, seed):
+        keep = vt.dropout_keep_mask(seed, (N, fin), p, dev)
+        ins = [t.detach().double().requires_grad_(True) for t in (x, ld, lb)]
+        yy = vera_formula(ins[0], W.double(), None, A.double(), B.double(), ins[1], ins[2], keep=keep, p=p)
+        ref = [yy] + list(torch.autograd.grad(yy, ins, gy.double()))
+        return max(((o.double() - t).norm() / t.norm()).item() for o, t in zip(outs, ref))
+
+    tol = 3e-2 if dt == torch.bfloat16 else 1e-4
+    errs = [err_vs(outs, seed) for outs, seed in runs]
+    crossed = min(err_vs(runs[i][0], runs[(i + 1) % len(runs)][1]) for i in range(len(runs)))
+    distinct = len({seed for _, seed in runs}) == len(runs)
+    finite = all(bool(torch.isfinite(t).all()) for outs, _ in runs for t in outs)
+    return dict(captured=not smoke, seeds_distinct=distinct, max_err=max(errs), other_mask_err=crossed, tol=tol,
+                ok=distinct and finite and max(errs) < tol and crossed > 10 * tol)
 
 
 def compile_check(device: str):
@@ -663,10 +737,12 @@ def main():
     dq_proc = subprocess.Popen(dq_cmd, cwd=ROOT, start_new_session=True, env=dq_env)
     dq_start = time.time()
     on_gpu = torch.cuda.is_available() and not args.cpu_smoke
-    checks = ((("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check)) if on_gpu else
+    checks = ((("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check),
+               ("cuda-graph-dropout", cuda_graph_dropout_check)) if on_gpu else
               (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
                ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True)))),
-               ("compile", lambda: compile_check("cpu"))))
+               ("compile", lambda: compile_check("cpu")),
+               ("cuda-graph-dropout-smoke", lambda: cuda_graph_dropout_check(smoke=True))))
     extra = {}
     for name, fn in checks:
         t0 = time.time()

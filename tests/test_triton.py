@@ -133,6 +133,35 @@ def test_dropout_same_seed_same_result_and_fresh_masks():
     torch.testing.assert_close(y_eval, y_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_seed_is_drawn_on_the_input_device():
+    """The triton backend's seed is a tensor on x's device, drawn from that device's generator and read by the
+    kernels there: no host value is baked into a launch, so a captured CUDA graph draws a fresh mask per replay
+    (checked on a GPU by gpu-check's cuda-graph-dropout). The torch backend seeds a host generator: CPU."""
+    on_meta = torch.empty(2, device="meta")
+    assert vk.ops.seed_device("triton", on_meta) == torch.device("meta")
+    assert vk.ops.seed_device("torch", on_meta) == torch.device("cpu")
+    seeds = []
+    draw = vk.ops.draw_dropout_seed
+    x, W, b, A, B, ld, lb = _inputs(40, 45, 29, 8, 50, 33, torch.float32)
+    try:
+        vk.ops.draw_dropout_seed = lambda device=None: seeds.append(draw(device)) or seeds[-1]
+        torch.manual_seed(3)
+        vera_linear(x, W, b, A, B, ld, lb, dropout_p=0.5, training=True, backend="triton")
+    finally:
+        vk.ops.draw_dropout_seed = draw
+    assert len(seeds) == 1 and seeds[0].device == x.device and seeds[0].dtype == torch.int64
+    torch.manual_seed(3)
+    assert int(seeds[0]) == int(draw(x.device))  # torch.manual_seed reproduces it
+    seeds[0].add_(1)  # a launch reads the tensor's current value: another value, another mask
+    xd, A_t = x.detach(), A[:, :45].t()
+    h, _, _ = vt.vera_down(xd, A_t, seed=seeds[0], p=0.5)
+    keep = vt.dropout_keep_mask(int(seeds[0]), (40, 45), 0.5, DEVICE)
+    torch.testing.assert_close(h, (xd * keep / 0.5) @ A_t, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(keep, vt.dropout_keep_mask(int(seeds[0]) - 1, (40, 45), 0.5, DEVICE))
+    with pytest.raises(ValueError, match="one-element int64 tensor"):
+        vt.vera_down(x.detach(), A[:, :45].t(), seed=torch.tensor(1.0), p=0.5)
+
+
 def test_dropout_mask_independent_of_tiling():
     """The counter is (row, col) based: two launches with different tile shapes give the same mask bits."""
     seed = 123456789
@@ -303,6 +332,36 @@ def test_torch_compile_fullgraph_layer(compile_backend):
     torch.testing.assert_close(y_c, y_eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_c, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_with_dropout(compile_backend):
+    """Training with adapter dropout compiles with no graph break: the seed is drawn on the input's device inside
+    the graph (no host value to bake in). aot_eager runs the same RNG calls as eager: equal results for equal
+    torch.manual_seed. Inductor draws the seed with its own RNG, so there: each call a fresh mask, and a second
+    call with the same manual_seed repeats the first."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _Block().to(DEVICE).train()
+    cfg = vk.VeraConfig(r=16, target_modules=["up", "down"], init_weights=False, vera_dropout=0.4)
+    vk.patch_model(m, cfg, backend="triton")
+    x = torch.randn(3, 11, 40, device=DEVICE, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+    cm = torch.compile(m, fullgraph=True, backend=compile_backend)
+
+    def run(module, seed):
+        torch.manual_seed(seed)
+        y = module(x)
+        return [y] + list(torch.autograd.grad(y.square().mean(), [x] + params))
+
+    first, again, other = run(cm, 5), run(cm, 5), run(cm, 6)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[0], other[0])
+    assert all(bool(torch.isfinite(t).all()) for t in first)
+    if compile_backend == "aot_eager":
+        for a, b in zip(first, run(m, 5)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_patched_llama():

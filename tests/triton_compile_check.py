@@ -82,7 +82,8 @@ SHAPES = [
     (1, 1000, 3001, 8),
     (2047, 1000, 3001, 7),
 ]
-# Seeds are drawn from [0, 2**62) (vera_kernels.ops.draw_dropout_seed): the JIT types them i64, as it does this one.
+# The dropout seed reaches the kernels as a pointer to a 0-dim int64 tensor on the device
+# (vera_kernels.ops.draw_dropout_seed); dropout_keep_mask also takes a plain int and makes that tensor.
 REAL_SEED = 2**40 + 7
 DTYPES = {"fp32-ieee": torch.float32, "fp32-tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
@@ -187,7 +188,7 @@ def _drive(vt, dtype, M, K, N, r):
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
     A, B = torch.empty(r, K + 5, **meta)[:, :K], torch.empty(N + 3, r, **meta)[:N]  # strided slices, as in a model
     ld, lb = torch.empty(r, device="meta"), torch.empty(N, device="meta")
-    seed = torch.tensor(REAL_SEED, dtype=torch.int64)
+    seed = torch.empty((), dtype=torch.int64, device="meta")
     h = torch.empty(M, r, **meta)
     for p in (0.0, 0.1):
         for base_gemm in vt.BASE_GEMMS:

@@ -22,9 +22,31 @@ from ..backends import BACKENDS, get_impl, resolve_backend
 __all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed"]
 
 
-def draw_dropout_seed() -> torch.Tensor:
-    """A 0-dim int64 CPU tensor drawn from torch's default CPU generator (``torch.manual_seed`` reproduces it)."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+def draw_dropout_seed(device: Optional[torch.device] = None) -> torch.Tensor:
+    """A 0-dim int64 tensor on ``device`` (default CPU) drawn from that device's default generator, which
+    ``torch.manual_seed`` seeds.
+
+    The triton backend draws its seed on the input's device and its kernels read it from there: no host value is
+    baked into a launch, so a CUDA graph that captures the layer draws a fresh seed (a fresh mask) on every replay,
+    as it does for torch's own dropout, and torch.compile keeps the whole step on the device. The torch backend
+    seeds a host-side generator, so it draws on the CPU (and refuses CUDA-graph capture with dropout, see
+    ``_check_capture``)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def seed_device(backend: str, x: torch.Tensor) -> torch.device:
+    """Where a concrete backend's dropout seed lives (see draw_dropout_seed)."""
+    return x.device if backend == "triton" else torch.device("cpu")
+
+
+def _check_capture(backend: str, x: torch.Tensor) -> None:
+    """Adapter dropout under CUDA-graph capture: only the backends whose masks come from the device's generator can
+    be replayed (a fresh mask every replay); the torch backend's host-seeded mask would fail inside the capture."""
+    if backend == "torch" and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "vera_kernels: adapter dropout with backend='torch' cannot be captured in a CUDA graph (its mask is "
+            "drawn from a host-seeded generator); use backend='triton' or 'reference', or vera_dropout=0"
+        )
 
 
 def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropout_p, tensors_on_device):
@@ -68,7 +90,10 @@ def _dispatch(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b,
     allowed = _dtypes.REFERENCE_DTYPES if concrete in ("reference", "torch") else _dtypes.COMPUTE_DTYPES
     _dtypes.check_activation_dtype(x, allowed)
     p = float(dropout_p) if training else 0.0
-    seed = draw_dropout_seed() if p > 0.0 and concrete != "reference" else None
+    seed = None
+    if p > 0.0 and concrete != "reference":  # the reference backend is PEFT's F.dropout on the global generator
+        _check_capture(concrete, x)
+        seed = draw_dropout_seed(seed_device(concrete, x))
     return get_impl(concrete)(  # any leading dimensions: each backend flattens them inside its autograd node
         x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p=p, seed=seed,
         fan_in_fan_out=fan_in_fan_out,

@@ -110,12 +110,12 @@ def _scale_projection_kernel(B, LB, LD, OUT, G, DLB, N_OUT, R, stride_bo, stride
         tl.store(DLB + offs_o, acc, mask=o_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _vera_down_kernel(
     X, W, OUT, NSCALE, SCALED_OUT, H, PART,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
-    seed, p, drop_scale,
+    SEED, p, drop_scale,
     HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_SCALED_OUT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr, N_FASTEST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -144,6 +144,8 @@ def _vera_down_kernel(
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
     local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -170,13 +172,13 @@ def _vera_down_kernel(
     tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mn_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _vera_up_kernel(
     HH, V, OUT, ACC_IN, XB, WB, BIAS, COL_SCALE,
     M, N, K, KB,
     stride_hm, stride_hk, stride_vk, stride_vn, stride_om, stride_on, stride_am, stride_an,
     stride_xbm, stride_xbk, stride_wbk, stride_wbn,
-    seed, p, drop_scale,
+    SEED, p, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_COL_SCALE: tl.constexpr, ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -236,7 +238,7 @@ def _vera_up_kernel(
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_DROPOUT:
         local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
-        keep = _dropout_keep(seed, pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
+        keep = _dropout_keep(tl.load(SEED), pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
         acc = acc + tl.where(keep, acc_r * drop_scale, 0.0)
     else:
         acc = acc_r
@@ -313,10 +315,21 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     raise ValueError(kind)
 
 
-def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
+def _seed_arg(seed: Optional[torch.Tensor], p: float, like: torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
+    """The SEED pointer argument: the dropout seed, read by the kernels on the device (never a host value baked into
+    the launch, so a captured CUDA graph draws a fresh one per replay); any tensor when there is no dropout."""
+    if p <= 0:
+        return dummy
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError("vera_kernels: dropout needs its seed as a one-element int64 tensor")
+    return seed if seed.device == like.device else seed.to(like.device)
+
+
+def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=None, p=0.0):
     """(C [diag(nscale)], partials, C diag(scaled_copy)): C (M, N) = drop(x) W with W given as a (K, N) view; with
     ``h``, also the per-tile partials (num_m_tiles, N) of sum_m C * h (float32), else None; with ``scaled_copy`` (a
-    column scale), also C diag(scaled_copy) from the same accumulator, else None."""
+    column scale), also C diag(scaled_copy) from the same accumulator, else None. With ``p`` > 0, ``seed`` is the
+    dropout seed as a 0-dim int64 tensor (see _seed_arg)."""
     M, K = x.shape
     N = w_kn.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -328,6 +341,7 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
         return out, part, scaled
     assert nscale is None or scaled_copy is None, "one column scale per launch"
     col = nscale if nscale is not None else scaled_copy
+    seed_arg = _seed_arg(seed, p, x, out)
     n_ntiles = _cdiv(N, cfg["BLOCK_N"])
     n_fastest = n_mtiles <= GRID_Y_MAX
     _vera_down_kernel[(n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles)](
@@ -337,7 +351,7 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),
         h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
         part.stride(0) if part is not None else 0,
-        seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
+        seed_arg, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_SCALED_OUT=scaled is not None,
         HAS_PARTIAL=h is not None, ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
         N_FASTEST=n_fastest, **cfg,
@@ -345,7 +359,7 @@ def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=0, p=0.0):
     return out, part, scaled
 
 
-def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_scale=None, seed=0, p=0.0):
+def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_scale=None, seed=None, p=0.0):
     """OUT = [acc_in +] [xb WB + bias +] drop(hh V) [diag(col_scale)], V and WB given as (K, N) views. ``acc_in``
     may be ``out``; ``col_scale`` scales the rank-r product only and is not combined with ``xb``."""
     M, K = hh.shape
@@ -354,6 +368,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
         return out
     assert col_scale is None or xb is None, "the column scale applies to the rank-r product alone"
     KB = xb.shape[1] if xb is not None else 0
+    seed_arg = _seed_arg(seed, p, hh, out)
     cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     _vera_up_kernel[grid](
@@ -365,7 +380,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
         acc_in.stride(0) if acc_in is not None else 0, acc_in.stride(1) if acc_in is not None else 0,
         xb.stride(0) if xb is not None else 0, xb.stride(1) if xb is not None else 0,
         wb_kn.stride(0) if wb_kn is not None else 0, wb_kn.stride(1) if wb_kn is not None else 0,
-        seed, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
+        seed_arg, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None, HAS_DROPOUT=p > 0,
         HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31,
         PRECISION=_precision(hh.dtype), GROUP_M=8 if xb is not None else 1,
@@ -397,25 +412,27 @@ def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, M, N, seed, p, ROW_GROUP_LOG2: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dropout_mask_kernel(OUT, M, N, SEED, p, ROW_GROUP_LOG2: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local_rows = offs_m - ((pid_m * BLOCK_M) >> ROW_GROUP_LOG2 << ROW_GROUP_LOG2)
-    keep = _dropout_keep(seed, pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
+    keep = _dropout_keep(tl.load(SEED), pid_m, local_rows, offs_n, N, p, BLOCK_M, ROW_GROUP_LOG2)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], keep.to(tl.int8), mask=mask)
 
 
-def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
-    """The keep-mask the triton kernels use for ``seed`` on an input of ``shape`` (for tests and checks)."""
+def dropout_keep_mask(seed, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
+    """The keep-mask the triton kernels use for ``seed`` (an int or a 0-dim int64 tensor) on an input of ``shape``
+    (for tests and checks)."""
     M, N = shape
     out = torch.empty((M, N), dtype=torch.int8, device=device)
     if M and N:
+        seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
         grid = (_cdiv(M, 64), _cdiv(N, 16))
-        _dropout_mask_kernel[grid](out, M, N, int(seed), float(p), ROW_GROUP_LOG2=_row_group_log2(N),
+        _dropout_mask_kernel[grid](out, M, N, seed_t, float(p), ROW_GROUP_LOG2=_row_group_log2(N),
                                    BLOCK_M=64, BLOCK_N=16)
     return out.bool()
 
@@ -477,9 +494,8 @@ def _fwd_impl(
     accumulator also holds x W^T, folds the lambdas into one (out, r) operand first (scale_projection)."""
     cd = x.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     fused = weight is not None and base_gemm == "triton"
-    h, _, h_ld = vera_down(x, vera_A_s.to(cd).t(), scaled_copy=None if fused else lambda_d, seed=seed_i, p=dropout_p)
+    h, _, h_ld = vera_down(x, vera_A_s.to(cd).t(), scaled_copy=None if fused else lambda_d, seed=seed, p=dropout_p)
     n_out = vera_B_s.shape[0]
     if fused:
         y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
@@ -534,19 +550,18 @@ def _bwd_impl(
         dld, dlb = g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
     if not need_x:
         return g.new_empty((0,)), dld, dlb
-    seed_i = int(seed.item()) if seed is not None and dropout_p > 0 else 0
     A_kn = vera_A_s.to(cd)  # (r, in)
     grad_x = torch.empty((g.shape[0], A_kn.shape[1]), device=g.device, dtype=cd)
     if weight is None:
-        vera_up(grad_h, A_kn, grad_x, seed=seed_i, p=dropout_p)
+        vera_up(grad_h, A_kn, grad_x, seed=seed, p=dropout_p)
     elif base_gemm == "triton" and dropout_p == 0.0:  # the mask applies to the rank-r part only: no fusing with it
         vera_up(grad_h, A_kn, grad_x, xb=g, wb_kn=_weight_kn(weight, fan_in_fan_out, True))
     elif base_gemm == "cublas-accumulate":
-        vera_up(grad_h, A_kn, grad_x, seed=seed_i, p=dropout_p)
+        vera_up(grad_h, A_kn, grad_x, seed=seed, p=dropout_p)
         grad_x.addmm_(g, _weight_kn(weight, fan_in_fan_out, True))
     else:
         torch.mm(g, _weight_kn(weight, fan_in_fan_out, True), out=grad_x)
-        vera_up(grad_h, A_kn, grad_x, acc_in=grad_x, seed=seed_i, p=dropout_p)
+        vera_up(grad_h, A_kn, grad_x, acc_in=grad_x, seed=seed, p=dropout_p)
     return grad_x, dld, dlb
 
 

@@ -10,7 +10,8 @@ Phases
      deterministic and atomic reductions. Each error is judged against PyTorch's own error
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
      Plus a > 2**31-element input (64-bit offsets), torch.compile(fullgraph=True) of a patched layer, dropout in a
-     captured CUDA graph (a fresh mask per replay, each checked against its own seed), and (in a
+     captured CUDA graph (a fresh mask per replay, each checked against its own seed) and under activation
+     checkpointing (the recomputation regenerates the masks), and (in a
      fourth process, which JIT-builds the C++/CUDA extension) the native dequantization kernels against the
      PyTorch path bit for bit on CUDA (tests/dequant_crosscheck.py; the GPU image has no bitsandbytes), then their
      throughput against bitsandbytes' CUDA dequantization where bitsandbytes imports (`make gpu-carry` prepares a
@@ -68,8 +69,12 @@ BASE_LABELS = {"cublas": "cublas", "cublas-accumulate": "cublas-acc", "triton": 
 
 
 def _failure(exc: BaseException, trace_chars: int = 1500) -> dict:
-    """A check or case that raised: failed, with what and where."""
-    return dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-trace_chars:])
+    """A check or case that raised: failed, with what and where. An exception raised while handling another (a
+    CUDA-graph capture that ends in error after the real one) keeps the first one's words too."""
+    out = dict(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-trace_chars:])
+    if exc.__context__ is not None:
+        out["first_error"] = f"{type(exc.__context__).__name__}: {exc.__context__}"[:1000]
+    return out
 
 
 def _remove(path: str) -> None:
@@ -142,7 +147,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
              strided=False, lead=(), deterministic=True, weight_grad=False, device="cuda"):
     import torch
 
-    from vera_kernels.ops import vera_linear
+    from vera_kernels.ops import draw_dropout_seed, seed_device, vera_linear
     from vera_kernels.ops import vera_triton as vt
     from vera_kernels.ops.reference import vera_formula
 
@@ -167,7 +172,7 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
     keep = None
     if p > 0:
         torch.manual_seed(1234)
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        seed = int(draw_dropout_seed(seed_device("triton", x)))  # the op's draw, repeated (on the GPU's generator)
         keep = vt.dropout_keep_mask(seed, (x.reshape(-1, fin).shape[0], fin), p, dev).reshape(x.shape)
     gy = rnd(*y.shape).to(dtype)
     inputs = [x, ld, lb] + ([W] if weight_grad else []) + ([b] if weight_grad and bias else [])
@@ -337,19 +342,16 @@ def _offsets_case(base, x, W, A, B, ld, lb, N, dev):
 
 
 def cuda_graph_dropout_check(smoke: bool = False):
-    """Adapter dropout (triton backend) captured in a CUDA graph with its backward, replayed three times: each replay
-    must draw a fresh seed on the device (a fresh mask) and give the output and gradients of the formula with the
-    mask regenerated from the seed that replay wrote, and not those of another replay's mask (which shows the check
-    can fail). ``smoke``: the same code run eagerly on the CPU (interpreter), no capture."""
+    """Adapter dropout (triton backend) captured in a CUDA graph with its backward, in each base arrangement,
+    replayed three times: each replay must draw a fresh seed on the device (a fresh mask) and give the output and
+    gradients of the formula with the mask regenerated from the seed that replay wrote, and not those of another
+    replay's mask (which shows the check can fail). Then the torch backend's refusal inside a real capture.
+    ``smoke``: the same code run eagerly on the CPU (interpreter), no capture."""
     import torch
-
-    import vera_kernels.ops as ops
-    from vera_kernels.ops import vera_triton as vt
-    from vera_kernels.ops.reference import vera_formula
 
     dev = torch.device("cpu" if smoke else "cuda")
     dt = torch.float32 if smoke else torch.bfloat16
-    N, fin, fout, r, p = (37, 45, 29, 8, 0.3) if smoke else (1000, 1032, 2072, 64, 0.3)
+    N, fin, fout, r = (37, 45, 29, 8) if smoke else (1000, 1032, 2072, 64)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(N, fin, generator=gen).to(dev, dt).requires_grad_(True)
     W = (torch.randn(fout, fin, generator=gen) * fin**-0.5).to(dev, dt)
@@ -358,6 +360,31 @@ def cuda_graph_dropout_check(smoke: bool = False):
     ld = torch.randn(r, generator=gen).to(dev).requires_grad_(True)
     lb = torch.randn(fout, generator=gen).to(dev).requires_grad_(True)
     gy = torch.randn(N, fout, generator=gen).to(dev, dt)
+    inputs = (x, W, A, B, ld, lb, gy)
+    out = {}
+    try:
+        for base in _base_gemms():
+            os.environ[ENV_BASE_GEMM] = base
+            try:
+                out[BASE_LABELS[base]] = _graph_dropout_case(inputs, smoke)
+            except Exception as exc:
+                out[BASE_LABELS[base]] = _failure(exc)
+    finally:
+        os.environ.pop(ENV_BASE_GEMM, None)
+    if not smoke:
+        out["torch-refused"] = _torch_capture_refused(inputs)
+    out["ok"] = all(v["ok"] for v in out.values())
+    return out
+
+
+def _graph_dropout_case(inputs, smoke: bool, p: float = 0.3) -> dict:
+    import torch
+
+    import vera_kernels.ops as ops
+    from vera_kernels.ops import vera_triton as vt
+    from vera_kernels.ops.reference import vera_formula
+
+    x, W, A, B, ld, lb, gy = inputs
     seeds, draw = [], ops.draw_dropout_seed
 
     def spy(device=None):  # the seed tensor the op draws: inside the graph, each replay rewrites it
@@ -393,20 +420,59 @@ def cuda_graph_dropout_check(smoke: bool = False):
     finally:
         ops.draw_dropout_seed = draw
 
+    N, fin = x.shape
+
     def err_vs(outs, seed):
-        keep = vt.dropout_keep_mask(seed, (N, fin), p, dev)
+        keep = vt.dropout_keep_mask(seed, (N, fin), p, x.device)
         ins = [t.detach().double().requires_grad_(True) for t in (x, ld, lb)]
         yy = vera_formula(ins[0], W.double(), None, A.double(), B.double(), ins[1], ins[2], keep=keep, p=p)
         ref = [yy] + list(torch.autograd.grad(yy, ins, gy.double()))
         return max(((o.double() - t).norm() / t.norm()).item() for o, t in zip(outs, ref))
 
-    tol = 3e-2 if dt == torch.bfloat16 else 1e-4
+    tol = 3e-2 if x.dtype == torch.bfloat16 else 1e-4
     errs = [err_vs(outs, seed) for outs, seed in runs]
     crossed = min(err_vs(runs[i][0], runs[(i + 1) % len(runs)][1]) for i in range(len(runs)))
     distinct = len({seed for _, seed in runs}) == len(runs)
     finite = all(bool(torch.isfinite(t).all()) for outs, _ in runs for t in outs)
     return dict(captured=not smoke, seeds_distinct=distinct, max_err=max(errs), other_mask_err=crossed, tol=tol,
                 ok=distinct and finite and max(errs) < tol and crossed > 10 * tol)
+
+
+def _torch_capture_refused(inputs) -> dict:
+    """The torch backend with dropout inside a real capture: our error, raised before anything is recorded."""
+    import torch
+
+    import vera_kernels.ops as ops
+
+    x, W, A, B, ld, lb, _ = inputs
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            ops.vera_linear(x, W, None, A, B, ld, lb, dropout_p=0.3, training=True, backend="torch")
+    except Exception as exc:
+        words = [str(e) for e in (exc, exc.__context__) if e is not None]
+        return dict(ok=any("cannot be captured in a CUDA graph" in w for w in words), error=" | ".join(words)[:300])
+    return dict(ok=False, error="the torch backend's dropout was captured without an error")
+
+
+def checkpoint_dropout_check(smoke: bool = False):
+    """Activation checkpointing with adapter dropout (triton backend, reentrant and not): the recomputed forward
+    must draw the same seeds from the restored CUDA generator, so its gradients equal the plain step's (and differ
+    from another seed's). ``smoke``: on the CPU."""
+    import torch
+
+    from triton_cases import checkpointed_dropout_grads
+
+    dev = torch.device("cpu" if smoke else "cuda")
+    out = {}
+    for reentrant in (True, False):
+        g = checkpointed_dropout_grads("triton", dev, reentrant)
+        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(g["checkpointed"], g["plain"]))
+        other = max(((a - b).norm() / b.norm()).item() for a, b in zip(g["other_seed"], g["plain"]))
+        out["reentrant" if reentrant else "non-reentrant"] = dict(err=err, other_seed_err=other,
+                                                                  ok=err < 1e-4 and other > 1e-2)
+    out["ok"] = all(v["ok"] for v in out.values())
+    return out
 
 
 def compile_check(device: str):
@@ -738,11 +804,13 @@ def main():
     dq_start = time.time()
     on_gpu = torch.cuda.is_available() and not args.cpu_smoke
     checks = ((("compile", lambda: compile_check("cuda")), ("offsets64", big_offsets_check),
-               ("cuda-graph-dropout", cuda_graph_dropout_check)) if on_gpu else
+               ("cuda-graph-dropout", cuda_graph_dropout_check), ("checkpoint-dropout", checkpoint_dropout_check))
+              if on_gpu else
               (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
                ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True)))),
                ("compile", lambda: compile_check("cpu")),
-               ("cuda-graph-dropout-smoke", lambda: cuda_graph_dropout_check(smoke=True))))
+               ("cuda-graph-dropout-smoke", lambda: cuda_graph_dropout_check(smoke=True)),
+               ("checkpoint-dropout-smoke", lambda: checkpoint_dropout_check(smoke=True))))
     extra = {}
     for name, fn in checks:
         t0 = time.time()

@@ -140,7 +140,7 @@ def regenerate_keep_mask(backend: str, seed: int, x: torch.Tensor, in_f: int, p:
     mask_fn = getattr(module, "dropout_keep_mask", None)
     if mask_fn is None:
         return None
-    s = int(vk.ops.draw_dropout_seed())
+    s = int(vk.ops.draw_dropout_seed(vk.ops.seed_device(backend, x2)))  # the op's draw, repeated
     return mask_fn(s, tuple(x2.shape), p, x2.device).reshape(x.shape)
 
 
@@ -324,6 +324,19 @@ def test_dropout_seed_controls_mask(backend):
     assert not torch.equal(y1, y3)
     assert not torch.equal(y1, y_eval)
     assert torch.equal(y_eval, y_nodrop)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_regenerates_the_dropout_masks(backend, use_reentrant):
+    """torch.utils.checkpoint re-runs the forward in backward: it must draw the same dropout seeds (torch restores
+    the RNG state), so the gradients equal those of the same step without checkpointing (gpu-check: on CUDA)."""
+    from triton_cases import checkpointed_dropout_grads
+
+    g = checkpointed_dropout_grads(backend, torch.device("cpu"), use_reentrant)
+    assert not all(torch.equal(a, b) for a, b in zip(g["plain"], g["other_seed"]))  # the masks matter
+    for a, b in zip(g["checkpointed"], g["plain"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_backend_mask_is_the_documented_one():

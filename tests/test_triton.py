@@ -59,7 +59,7 @@ def _check(x, W, b, A, B, ld, lb, *, fifo=False, p=0.0, base="cublas", wgrad=Fal
     keep = None
     if p > 0:
         torch.manual_seed(1234)
-        seed = int(vk.ops.draw_dropout_seed())
+        seed = int(vk.ops.draw_dropout_seed(vk.ops.seed_device("triton", x)))  # the op's draw, repeated
         keep = vt.dropout_keep_mask(seed, (x.reshape(-1, fin).shape[0], fin), p, x.device).reshape(x.shape)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
     inputs = [x, ld, lb] + ([W] + ([b] if b is not None else []) if wgrad else [])
@@ -133,33 +133,54 @@ def test_dropout_same_seed_same_result_and_fresh_masks():
     torch.testing.assert_close(y_eval, y_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_seed_is_drawn_on_the_input_device():
-    """The triton backend's seed is a tensor on x's device, drawn from that device's generator and read by the
-    kernels there: no host value is baked into a launch, so a captured CUDA graph draws a fresh mask per replay
-    (checked on a GPU by gpu-check's cuda-graph-dropout). The torch backend seeds a host generator: CPU."""
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records each launch's arguments, then launches the real one."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_dropout_seed_is_drawn_on_the_input_device_and_passed_as_that_tensor(monkeypatch):
+    """The triton backend's seed is a tensor on x's device, drawn from that device's generator, and every dropout
+    launch gets that very tensor (the kernels read it on the device): no host value is baked into a launch, so a
+    captured CUDA graph draws a fresh mask per replay (checked on a GPU by gpu-check's cuda-graph-dropout). The
+    torch backend seeds a host generator: CPU."""
     on_meta = torch.empty(2, device="meta")
     assert vk.ops.seed_device("triton", on_meta) == torch.device("meta")
     assert vk.ops.seed_device("torch", on_meta) == torch.device("cpu")
-    seeds = []
+    draws, launches = [], []
     draw = vk.ops.draw_dropout_seed
+
+    def spy(device=None):
+        draws.append((device, draw(device)))
+        return draws[-1][1]
+
+    monkeypatch.setattr(vk.ops, "draw_dropout_seed", spy)
+    for name in ("_vera_down_kernel", "_vera_up_kernel"):
+        monkeypatch.setattr(vt, name, _LaunchRecorder(getattr(vt, name), launches))
     x, W, b, A, B, ld, lb = _inputs(40, 45, 29, 8, 50, 33, torch.float32)
-    try:
-        vk.ops.draw_dropout_seed = lambda device=None: seeds.append(draw(device)) or seeds[-1]
-        torch.manual_seed(3)
-        vera_linear(x, W, b, A, B, ld, lb, dropout_p=0.5, training=True, backend="triton")
-    finally:
-        vk.ops.draw_dropout_seed = draw
-    assert len(seeds) == 1 and seeds[0].device == x.device and seeds[0].dtype == torch.int64
     torch.manual_seed(3)
-    assert int(seeds[0]) == int(draw(x.device))  # torch.manual_seed reproduces it
-    seeds[0].add_(1)  # a launch reads the tensor's current value: another value, another mask
-    xd, A_t = x.detach(), A[:, :45].t()
-    h, _, _ = vt.vera_down(xd, A_t, seed=seeds[0], p=0.5)
-    keep = vt.dropout_keep_mask(int(seeds[0]), (40, 45), 0.5, DEVICE)
-    torch.testing.assert_close(h, (xd * keep / 0.5) @ A_t, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(keep, vt.dropout_keep_mask(int(seeds[0]) - 1, (40, 45), 0.5, DEVICE))
-    with pytest.raises(ValueError, match="one-element int64 tensor"):
-        vt.vera_down(x.detach(), A[:, :45].t(), seed=torch.tensor(1.0), p=0.5)
+    y = vera_linear(x, W, b, A, B, ld, lb, dropout_p=0.5, training=True, backend="triton")
+    torch.autograd.grad(y, [x, ld, lb], torch.randn_like(y))
+    assert len(draws) == 1 and draws[0][0] == x.device, draws  # asked for x's device by name
+    seed = draws[0][1]
+    assert seed.device == x.device and seed.dtype == torch.int64 and seed.dim() == 0
+    torch.manual_seed(3)
+    assert int(seed) == int(draw(x.device))  # torch.manual_seed reproduces it
+    dropout_launches = [args for args, kw in launches if kw.get("HAS_DROPOUT")]
+    assert len(dropout_launches) == 2, len(dropout_launches)  # forward's A-projection, backward's grad_x
+    for args in dropout_launches:
+        assert sum(a is seed for a in args) == 1, "a dropout launch did not get the seed tensor itself"
+    for bad in (7, torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="one-element int64 tensor"):
+            vt.vera_down(x.detach(), A[:, :45].t(), seed=bad, p=0.5)
 
 
 def test_dropout_mask_independent_of_tiling():
@@ -336,10 +357,9 @@ def test_torch_compile_fullgraph_layer(compile_backend):
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_with_dropout(compile_backend):
-    """Training with adapter dropout compiles with no graph break: the seed is drawn on the input's device inside
-    the graph (no host value to bake in). aot_eager runs the same RNG calls as eager: equal results for equal
-    torch.manual_seed. Inductor draws the seed with its own RNG, so there: each call a fresh mask, and a second
-    call with the same manual_seed repeats the first."""
+    """Training with adapter dropout compiles with no graph break. aot_eager runs the same RNG calls as eager:
+    equal results for equal torch.manual_seed. Inductor draws the seed with its own RNG, so there: another
+    manual_seed, another mask, and the same manual_seed repeats the result exactly."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = _Block().to(DEVICE).train()

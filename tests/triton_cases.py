@@ -1,5 +1,5 @@
-"""Random inputs of one VeRA op case, shared by tests/test_triton.py and ``make gpu-check`` (a plain module: the GPU
-image runs gpu-check without pytest)."""
+"""Random inputs of one VeRA op case, and the activation-checkpointing dropout check, shared by the tests and
+``make gpu-check`` (a plain module: the GPU image runs gpu-check without pytest)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,32 @@ def random_inputs(N, fin, fout, r, in_max, out_max, dtype, *, device, seed=0, ge
     ld = rnd(r).requires_grad_(True)
     lb = rnd(fout).requires_grad_(True)
     return x, W, b, A, B, ld, lb
+
+
+def checkpointed_dropout_grads(backend: str, device, use_reentrant: bool, dtype=torch.float32) -> dict:
+    """Gradients of one training step of a patched two-layer block with adapter dropout, three ways: plainly, under
+    torch.utils.checkpoint (which re-runs the forward in backward and must draw the same dropout seeds: torch
+    restores the RNG state of the CPU and of the arguments' devices), and plainly with another seed (other masks).
+    Returns {"plain", "checkpointed", "other_seed"}: lists of gradients (x, then the trainable lambdas)."""
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    import vera_kernels as vk
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 24)).to(device, dtype)
+    cfg = vk.VeraConfig(r=8, target_modules=["0", "2"], init_weights=False, vera_dropout=0.5)
+    vk.patch_model(block, cfg, backend=backend)
+    block.train()
+    x = torch.randn(2, 9, 24, device=device, dtype=dtype, requires_grad=True)
+    params = [x] + [q for q in block.parameters() if q.requires_grad]
+
+    def grads(run, seed=11):  # .backward(): the reentrant checkpoint refuses autograd.grad
+        for q in params:
+            q.grad = None
+        torch.manual_seed(seed)
+        run(x).float().square().sum().backward()
+        return [q.grad.clone() for q in params]
+
+    return dict(plain=grads(block), checkpointed=grads(lambda t: checkpoint(block, t, use_reentrant=use_reentrant)),
+                other_seed=grads(block, seed=12))

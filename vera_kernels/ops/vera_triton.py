@@ -23,7 +23,8 @@ Kernels:
                         dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
                         GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
 Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused
-base, g W runs inside the up kernel) + the partials' column sum. Each Triton launch costs the host ~15 us of Python
+base, g W runs inside the up kernel) + the partials' column sum. With dropout, one more small kernel draws the seed
+on the device (vera_kernels.ops.draw_dropout_seed), which the kernels read from there. Each Triton launch costs the host ~15 us of Python
 (bench/host_overhead.py), several times a torch op's, which is what small (host-bound) steps pay for: launches are
 only added where they save GPU time.
 A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
@@ -320,9 +321,12 @@ def _seed_arg(seed: Optional[torch.Tensor], p: float, like: torch.Tensor, dummy:
     the launch, so a captured CUDA graph draws a fresh one per replay); any tensor when there is no dropout."""
     if p <= 0:
         return dummy
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError("vera_kernels: dropout needs its seed as a one-element int64 tensor")
-    return seed if seed.device == like.device else seed.to(like.device)
+    if seed.device != like.device:  # a copy here would be a host value again (and a sync)
+        raise ValueError(f"vera_kernels: the dropout seed is on {seed.device} but the input is on {like.device}; "
+                         "draw it with vera_kernels.ops.draw_dropout_seed(x.device)")
+    return seed
 
 
 def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=None, p=0.0):

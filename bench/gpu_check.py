@@ -77,6 +77,24 @@ def _failure(exc: BaseException, trace_chars: int = 1500) -> dict:
     return out
 
 
+def _for_each_base(fn) -> dict:
+    """{base: fn()} with VERA_KERNELS_BASE_GEMM set to each base-GEMM arrangement in turn (unset afterwards)."""
+    out = {}
+    try:
+        for base in _base_gemms():
+            os.environ[ENV_BASE_GEMM] = base
+            out[base] = fn()
+    finally:
+        os.environ.pop(ENV_BASE_GEMM, None)
+    return out
+
+
+def _rel_err(ours, truth) -> float:
+    """||ours - truth|| / ||truth||, in float64."""
+    truth = truth.double()
+    return ((ours.double() - truth).norm() / truth.norm()).item()
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -311,33 +329,27 @@ def big_offsets_check(smoke: bool = False):
     B = torch.randn(fout, r, device=dev) * 0.3
     ld = torch.randn(r, device=dev, requires_grad=True)
     lb = torch.randn(fout, device=dev, requires_grad=True)
-    out = {}
-    try:
-        for base in _base_gemms():
-            out[base] = _offsets_case(base, x, W, A, B, ld, lb, N, dev)
-    finally:
-        os.environ.pop(ENV_BASE_GEMM, None)
+    out = _for_each_base(lambda: _offsets_case(x, W, A, B, ld, lb, N, dev))
     out["ok"] = all(v["ok"] for v in out.values())
     return out
 
 
-def _offsets_case(base, x, W, A, B, ld, lb, N, dev):
+def _offsets_case(x, W, A, B, ld, lb, N, dev):
     """One base arrangement of big_offsets_check: sampled rows of y and grad_x against float64."""
     import torch
 
     from vera_kernels.ops import vera_linear
 
-    os.environ[ENV_BASE_GEMM] = base
     y = vera_linear(x, W, None, A, B, ld, lb, backend="triton")
     idx = torch.tensor([0, 1, N // 2, N - 2, N - 1], device=dev)
     xs = x.detach()[idx].double()
     Bl = lb.double()[:, None] * B.double()
     ref = xs @ W.double().t() + ((xs @ A.double().t()) * ld.double()) @ Bl.t()
-    err = ((y.detach()[idx].double() - ref).norm() / ref.norm()).item()
+    err = _rel_err(y.detach()[idx], ref)
     gy = torch.ones_like(y)
     (gx,) = torch.autograd.grad(y, [x], gy)
     gref = gy[idx].double() @ W.double() + ((gy[idx].double() @ Bl) * ld.double()) @ A.double()
-    gerr = ((gx[idx].double() - gref).norm() / gref.norm()).item()
+    gerr = _rel_err(gx[idx], gref)
     return dict(y_err=err, gx_err=gerr, ok=err < 2e-2 and gerr < 2e-2 and bool(torch.isfinite(y).all()))
 
 
@@ -361,16 +373,14 @@ def cuda_graph_dropout_check(smoke: bool = False):
     lb = torch.randn(fout, generator=gen).to(dev).requires_grad_(True)
     gy = torch.randn(N, fout, generator=gen).to(dev, dt)
     inputs = (x, W, A, B, ld, lb, gy)
-    out = {}
-    try:
-        for base in _base_gemms():
-            os.environ[ENV_BASE_GEMM] = base
-            try:
-                out[BASE_LABELS[base]] = _graph_dropout_case(inputs, smoke)
-            except Exception as exc:
-                out[BASE_LABELS[base]] = _failure(exc)
-    finally:
-        os.environ.pop(ENV_BASE_GEMM, None)
+
+    def one_base():  # a failure in one arrangement still lets the others report
+        try:
+            return _graph_dropout_case(inputs, smoke)
+        except Exception as exc:
+            return _failure(exc)
+
+    out = _for_each_base(one_base)
     if not smoke:
         out["torch-refused"] = _torch_capture_refused(inputs)
     out["ok"] = all(v["ok"] for v in out.values())
@@ -427,7 +437,7 @@ def _graph_dropout_case(inputs, smoke: bool, p: float = 0.3) -> dict:
         ins = [t.detach().double().requires_grad_(True) for t in (x, ld, lb)]
         yy = vera_formula(ins[0], W.double(), None, A.double(), B.double(), ins[1], ins[2], keep=keep, p=p)
         ref = [yy] + list(torch.autograd.grad(yy, ins, gy.double()))
-        return max(((o.double() - t).norm() / t.norm()).item() for o, t in zip(outs, ref))
+        return max(_rel_err(o, t) for o, t in zip(outs, ref))
 
     tol = 3e-2 if x.dtype == torch.bfloat16 else 1e-4
     errs = [err_vs(outs, seed) for outs, seed in runs]
@@ -467,8 +477,8 @@ def checkpoint_dropout_check(smoke: bool = False):
     out = {}
     for reentrant in (True, False):
         g = checkpointed_dropout_grads("triton", dev, reentrant)
-        err = max(((a - b).norm() / b.norm()).item() for a, b in zip(g["checkpointed"], g["plain"]))
-        other = max(((a - b).norm() / b.norm()).item() for a, b in zip(g["other_seed"], g["plain"]))
+        err = max(_rel_err(a, b) for a, b in zip(g["checkpointed"], g["plain"]))
+        other = max(_rel_err(a, b) for a, b in zip(g["other_seed"], g["plain"]))
         out["reentrant" if reentrant else "non-reentrant"] = dict(err=err, other_seed_err=other,
                                                                   ok=err < 1e-4 and other > 1e-2)
     out["ok"] = all(v["ok"] for v in out.values())

@@ -8,11 +8,22 @@ tensor's second dimension. in_max / out_max are the largest in/out features over
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ._dtypes import PARAM_DTYPE, float32_preserving
+
+
+class _Slices(NamedTuple):
+    """A cached pair of one layer's views and what they were cut from (valid while A, B and storage are the same)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    storage: tuple[int, int]
+    A_s: torch.Tensor
+    B_s: torch.Tensor
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -113,10 +124,10 @@ class VeraProjections(nn.Module):
         key = (dtype, in_features, out_features)
         storage = (A.data_ptr(), B.data_ptr())  # the same tensors on the same storage (`.data =`, swap_tensors)
         hit = self._slice_cache.get(key)
-        if hit is None or hit[0] is not A or hit[1] is not B or hit[2] != storage:
-            hit = (A, B, storage, A[:, :in_features], B[:out_features])
+        if hit is None or hit.A is not A or hit.B is not B or hit.storage != storage:
+            hit = _Slices(A, B, storage, A[:, :in_features], B[:out_features])
             self._slice_cache[key] = hit
-        return hit[3], hit[4]
+        return hit.A_s, hit.B_s
 
     def _apply(self, fn, recurse=True):
         self._cast_cache.clear()  # casts and views of the tensors being moved or replaced

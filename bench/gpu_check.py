@@ -713,6 +713,7 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256, smoke=False):
     h = x @ A.t()
     R = vt.scale_projection(B32, lb, dt, fold_d=ld)[0]
     Bc = B32.to(dt)  # the cached compute-dtype cast a layer passes
+    seed = torch.tensor(12345, device=dev)  # a dropout seed, read by the kernel on the device
     y = x @ W.t()
     gx = g @ W
     G = g.t() @ h
@@ -720,15 +721,16 @@ def kernel_breakdown(tokens=8192, fin=4096, fout=11008, r=256, smoke=False):
     cases = [
         ("scale_projection (out x r)", lambda: vt.scale_projection(B32, lb, dt, fold_d=ld), 0,
          lambda: (B32 * lb[:, None] * ld[None, :]).to(dt)),
-        ("fwd down: h, h diag(ld) = x A^T", lambda: vt.vera_down(x, A.t(), scaled_copy=ld), Nf * fin,
-         lambda: x @ A.t()),
-        ("fwd up: y += h B^T diag(lb)", lambda: vt.vera_up(h, Bc.t(), y, acc_in=y, col_scale=lb), Nf * fout,
+        # the forward runs these two on cuBLAS (its column), the kernels only with dropout / the fused base
+        ("down kernel: h = x A^T", lambda: vt.vera_down(x, A.t()), Nf * fin, lambda: x @ A.t()),
+        ("down kernel, dropout 0.1: h = drop(x) A^T", lambda: vt.vera_down(x, A.t(), seed=seed, p=0.1), Nf * fin,
+         lambda: torch.nn.functional.dropout(x, 0.1) @ A.t()),
+        ("up kernel: y += h R^T", lambda: vt.vera_up(h, R.t(), y, acc_in=y), Nf * fout,
          lambda: y.addmm_(h, R.t())),
         ("fwd up+base (fused)", lambda: vt.vera_up(h, R.t(), y, xb=x, wb_kn=W.t()), Nf * fout + Nr,
          lambda: torch.mm(x, W.t())),
-        # "cublas-accumulate": the up kernel only writes y, then cuBLAS accumulates the base GEMM (beta = 1)
-        ("fwd up, write only: y = h B^T diag(lb)", lambda: vt.vera_up(h, Bc.t(), y, col_scale=lb), Nf * fout,
-         lambda: torch.mm(h, R.t())),
+        # "cublas-accumulate": the rank-r product only writes y, then cuBLAS accumulates the base GEMM (beta = 1)
+        ("up kernel, write only: y = h R^T", lambda: vt.vera_up(h, R.t(), y), Nf * fout, lambda: torch.mm(h, R.t())),
         ("cuBLAS y += x W^T vs y = x W^T", lambda: y.addmm_(x, W.t()), Nr, lambda: torch.mm(x, W.t())),
         ("bwd down: gB, dlambda_d", lambda: vt.vera_down(g, R, nscale=ld, h=h), Nf * fout, lambda: g @ R),
         ("bwd: g^T h (cuBLAS), then diag(lb) B + dlambda_b",

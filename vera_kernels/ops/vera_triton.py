@@ -8,25 +8,23 @@ Math (x: (N, in), A_s = A[:, :in] (r, in), B_s = B[:out] (out, r), m the dropout
     h = (s m * x) A_s^T                        (N, r)  kept for backward, in x's dtype
     y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
 Kernels:
-    _vera_down_kernel   C = X W (X (M, K) row tiles, W read as (K, N)), dropout on X fused, optional column
-                        scale (of the output, or of a second output), optional partial of sum_m C*H (grad lambda_d)
-                        in the epilogue.
-                        forward: h = drop(x) A_s^T and h diag(lambda_d);
+    _vera_down_kernel   C = X W (X (M, K) row tiles, W read as (K, N)), dropout on X fused, optional column scale
+                        and partial of sum_m C*H (grad lambda_d) in the epilogue.
+                        forward, with dropout: h = drop(x) A_s^T (without dropout cuBLAS's x A_s^T is faster);
                         backward: gB = g diag(lambda_b) B_s -> dlambda_d partials, grad_h = gB diag(lambda_d).
-    _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V) [diag(col)], K = r small.
-                        forward: y += (h diag(lambda_d)) B_s^T diag(lambda_b), lambda_b in the epilogue; or
-                        y = b + (...) for cuBLAS to accumulate x W^T into; or the whole y = x W^T + b + h R^T with
-                        R = diag(lambda_b) B_s diag(lambda_d) folded by _scale_projection_kernel (base fused).
-                        See base_gemm_mode. backward: grad_x = g W (+) masked (grad_h A_s), same arrangements.
-    _scale_projection_kernel  diag(lambda_b) B_s [diag(lambda_d)] as one small (out, r) operand (backward's down
-                        kernel; the fused base), and in backward, from the same reads of B_s,
+    _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V), K = r small.
+                        forward, fused base only: y = x W^T + b + h R^T (otherwise cuBLAS adds h R^T, faster);
+                        backward: grad_x = g W (+) masked (grad_h A_s), in each base arrangement (base_gemm_mode).
+    _scale_projection_kernel  R = diag(lambda_b) B_s [diag(lambda_d)] as one small (out, r) operand (forward's h R^T,
+                        backward's down kernel), and in backward, from the same reads of B_s,
                         dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
                         GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
-Launches per layer: forward 2 Triton + the cuBLAS base GEMM; backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused
-base, g W runs inside the up kernel) + the partials' column sum. With dropout, one more small kernel draws the seed
-on the device (vera_kernels.ops.draw_dropout_seed), which the kernels read from there. Each Triton launch costs the host ~15 us of Python
-(bench/host_overhead.py), several times a torch op's, which is what small (host-bound) steps pay for: launches are
-only added where they save GPU time.
+Launches per layer: forward 1 Triton (R) + cuBLAS's x A_s^T, base GEMM and h R^T (with dropout the down kernel
+replaces x A_s^T); backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused base, g W runs inside the up kernel) +
+the partials' column sum. With dropout, one more small kernel draws the seed on the device
+(vera_kernels.ops.draw_dropout_seed), which the kernels read from there. Each Triton launch costs the host ~15 us of
+Python (bench/host_overhead.py), several times a torch op's, which is what small (host-bound) steps pay for: launches
+are only used where they save GPU time (a fused mask, fused reductions) or hold the fused base GEMM.
 A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
 float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
 small operand; every dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in
@@ -113,18 +111,17 @@ def _scale_projection_kernel(B, LB, LD, OUT, G, DLB, N_OUT, R, stride_bo, stride
 
 @triton.jit
 def _vera_down_kernel(
-    X, W, OUT, NSCALE, SCALED_OUT, H, PART,
+    X, W, OUT, NSCALE, H, PART,
     M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_hm, stride_hn, stride_pm,
     SEED, p, drop_scale,
-    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_SCALED_OUT: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_NSCALE: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr, N_FASTEST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C = drop(X) W (X (M, K), W read as (K, N), N = r): OUT = C [diag(NSCALE)]; SCALED_OUT = C diag(NSCALE) (a
-    second output, same strides as OUT); PART[pid_m] = sum_m C * H.
+    """C = drop(X) W (X (M, K), W read as (K, N), N = r): OUT = C [diag(NSCALE)]; PART[pid_m] = sum_m C * H.
 
-    forward:  OUT = h = drop(x) A_s^T (saved), SCALED_OUT = h diag(lambda_d) (the up kernel's operand).
+    forward (with dropout only, fused here so the mask is never stored): OUT = h = drop(x) A_s^T (saved).
     backward: gB = g (lambda_b B_s) -> PART = dlambda_d, OUT = grad_h = gB lambda_d.
     With N_FASTEST the column blocks vary fastest over the grid: the N / BLOCK_N programs that read the same rows of
     X (the large operand: x or g) run side by side, so X comes from HBM once and from L2 for the others. (Off only
@@ -163,33 +160,27 @@ def _vera_down_kernel(
     if HAS_PARTIAL:
         h = tl.load(H + rows[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=mn_mask, other=0.0)
         tl.store(PART + pid_m * stride_pm + offs_n, tl.sum(acc * h.to(tl.float32), axis=0), mask=n_mask)
-    out_offs = rows[:, None] * stride_om + offs_n[None, :] * stride_on
-    if HAS_SCALED_OUT or HAS_NSCALE:
-        ns = tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_SCALED_OUT:
-            tl.store(SCALED_OUT + out_offs, (acc * ns[None, :]).to(SCALED_OUT.dtype.element_ty), mask=mn_mask)
-        if HAS_NSCALE:
-            acc = acc * ns[None, :]
-    tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=mn_mask)
+    if HAS_NSCALE:
+        acc = acc * tl.load(NSCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rows[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(OUT.dtype.element_ty),
+             mask=mn_mask)
 
 
 @triton.jit
 def _vera_up_kernel(
-    HH, V, OUT, ACC_IN, XB, WB, BIAS, COL_SCALE,
+    HH, V, OUT, ACC_IN, XB, WB, BIAS,
     M, N, K, KB,
     stride_hm, stride_hk, stride_vk, stride_vn, stride_om, stride_on, stride_am, stride_an,
     stride_xbm, stride_xbk, stride_wbk, stride_wbn,
     SEED, p, drop_scale,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr, ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_GROUP_LOG2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """OUT = [ACC_IN +] [XB WB + BIAS +] drop(HH V) [diag(COL_SCALE)], V and WB read as (K, N); K = r is small.
-    COL_SCALE scales the rank-r product only (never with the fused base).
+    """OUT = [ACC_IN +] [XB WB + BIAS +] drop(HH V), V and WB read as (K, N); K = r is small.
 
-    forward:  y += (h diag(lambda_d)) B_s^T diag(lambda_b): lambda_d folded into h by the down kernel, lambda_b
-              applied in this epilogue; or, base fused, y = x W^T + b + h R^T with R = diag(lambda_b) B_s
-              diag(lambda_d) (one accumulator, one write of y).
+    forward (fused base only): y = x W^T + b + h R^T with R = diag(lambda_b) B_s diag(lambda_d) (one accumulator,
+              one write of y).
     backward: grad_x = g W + drop(grad_h A_s) (the mask applies to the rank-r part, so dropout is never combined
               with the fused base).
     One-dimensional grid in GROUP_M-row super-tiles (Triton's matmul swizzle): programs that run together share
@@ -243,8 +234,6 @@ def _vera_up_kernel(
         acc = acc + tl.where(keep, acc_r * drop_scale, 0.0)
     else:
         acc = acc_r
-    if HAS_COL_SCALE:  # HAS_BASE is off: acc holds only the rank-r product here
-        acc = acc * tl.load(COL_SCALE + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACCUMULATE:
@@ -329,48 +318,41 @@ def _seed_arg(seed: Optional[torch.Tensor], p: float, like: torch.Tensor, dummy:
     return seed
 
 
-def vera_down(x, w_kn, *, nscale=None, scaled_copy=None, h=None, seed=None, p=0.0):
-    """(C [diag(nscale)], partials, C diag(scaled_copy)): C (M, N) = drop(x) W with W given as a (K, N) view; with
-    ``h``, also the per-tile partials (num_m_tiles, N) of sum_m C * h (float32), else None; with ``scaled_copy`` (a
-    column scale), also C diag(scaled_copy) from the same accumulator, else None. With ``p`` > 0, ``seed`` is the
-    dropout seed as a 0-dim int64 tensor (see _seed_arg)."""
+def vera_down(x, w_kn, *, nscale=None, h=None, seed=None, p=0.0):
+    """(C [diag(nscale)], partials): C (M, N) = drop(x) W with W given as a (K, N) view; with ``h``, also the
+    per-tile partials (num_m_tiles, N) of sum_m C * h (float32), else None. With ``p`` > 0, ``seed`` is the dropout
+    seed as a 0-dim int64 tensor (see _seed_arg)."""
     M, K = x.shape
     N = w_kn.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    scaled = torch.empty_like(out) if scaled_copy is not None else None
     cfg = _config("down", M, N, K, x.dtype, x.device, p > 0)
     n_mtiles = _cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32) if h is not None else None
     if M == 0:
-        return out, part, scaled
-    assert nscale is None or scaled_copy is None, "one column scale per launch"
-    col = nscale if nscale is not None else scaled_copy
+        return out, part
     seed_arg = _seed_arg(seed, p, x, out)
     n_ntiles = _cdiv(N, cfg["BLOCK_N"])
     n_fastest = n_mtiles <= GRID_Y_MAX
     _vera_down_kernel[(n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles)](
-        x, w_kn, out, col if col is not None else out,
-        scaled if scaled is not None else out, h if h is not None else out, part if part is not None else out,
+        x, w_kn, out, nscale if nscale is not None else out, h if h is not None else out,
+        part if part is not None else out,
         M, N, K,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), out.stride(0), out.stride(1),
         h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
         part.stride(0) if part is not None else 0,
         seed_arg, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
-        HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_SCALED_OUT=scaled is not None,
-        HAS_PARTIAL=h is not None, ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
+        HAS_DROPOUT=p > 0, HAS_NSCALE=nscale is not None, HAS_PARTIAL=h is not None, ROW_GROUP_LOG2=_row_group_log2(K) if p > 0 else 31, PRECISION=_precision(x.dtype),
         N_FASTEST=n_fastest, **cfg,
     )
-    return out, part, scaled
+    return out, part
 
 
-def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_scale=None, seed=None, p=0.0):
-    """OUT = [acc_in +] [xb WB + bias +] drop(hh V) [diag(col_scale)], V and WB given as (K, N) views. ``acc_in``
-    may be ``out``; ``col_scale`` scales the rank-r product only and is not combined with ``xb``."""
+def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=None, p=0.0):
+    """OUT = [acc_in +] [xb WB + bias +] drop(hh V), V and WB given as (K, N) views. ``acc_in`` may be ``out``."""
     M, K = hh.shape
     N = v_kn.shape[1]
     if M == 0 or N == 0:
         return out
-    assert col_scale is None or xb is None, "the column scale applies to the rank-r product alone"
     KB = xb.shape[1] if xb is not None else 0
     seed_arg = _seed_arg(seed, p, hh, out)
     cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
@@ -378,7 +360,6 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
     _vera_up_kernel[grid](
         hh, v_kn, out, acc_in if acc_in is not None else out,
         xb if xb is not None else out, wb_kn if wb_kn is not None else out, bias if bias is not None else out,
-        col_scale if col_scale is not None else out,
         M, N, K, KB,
         hh.stride(0), hh.stride(1), v_kn.stride(0), v_kn.stride(1), out.stride(0), out.stride(1),
         acc_in.stride(0) if acc_in is not None else 0, acc_in.stride(1) if acc_in is not None else 0,
@@ -386,7 +367,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, col_s
         wb_kn.stride(0) if wb_kn is not None else 0, wb_kn.stride(1) if wb_kn is not None else 0,
         seed_arg, p, 1.0 / (1.0 - p) if p > 0 else 1.0,
         HAS_BASE=xb is not None, HAS_BIAS=bias is not None, ACCUMULATE=acc_in is not None, HAS_DROPOUT=p > 0,
-        HAS_COL_SCALE=col_scale is not None, ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31,
+        ROW_GROUP_LOG2=_row_group_log2(N) if p > 0 else 31,
         PRECISION=_precision(hh.dtype), GROUP_M=8 if xb is not None else 1,
         **cfg,
     )
@@ -449,15 +430,17 @@ BASE_GEMMS = ("cublas", "cublas-accumulate", "triton")
 def base_gemm_mode() -> str:
     """How the base GEMM (y = x W^T + b forward, grad_x = g W backward) meets the rank-r update:
 
-    - "cublas": cuBLAS writes the base; the up kernel read-modify-writes the rank-r update into it.
-    - "cublas-accumulate": the up kernel writes the rank-r update (and bias) first; cuBLAS then accumulates the base
-      GEMM into it (beta = 1), so the (N x out) read happens in cuBLAS's epilogue, overlapped with its main loop,
-      instead of in a separate memory-bound pass. Same bytes moved, one fewer standalone pass over y.
+    - "cublas": cuBLAS writes the base, then adds the rank-r update into it (forward: h R^T by cuBLAS; backward:
+      grad_h A_s by the up kernel, with the dropout mask).
+    - "cublas-accumulate": the rank-r update (and bias) is written first; cuBLAS then accumulates the base GEMM into
+      it (beta = 1), so the (N x out) read happens in the big GEMM's epilogue, overlapped with its main loop, instead
+      of in the memory-bound rank-r GEMM. Same bytes moved.
     - "triton": the base GEMM runs inside the up kernel (one accumulator, one write of y).
     Measured on an H100 (bench/results/, bf16, fwd+bwd GPU time): the Triton GEMM reaches ~590-700 TFLOP/s against
-    cuBLAS's ~760-785, which costs more than the pass it saves, at 512 and 8192 tokens, out = 4096 and 11008; so
-    "cublas" is the default. "cublas-accumulate" has not been measured on a GPU yet (``make gpu-check`` compares all
-    three); ``VERA_KERNELS_BASE_GEMM`` selects one.
+    cuBLAS's ~760-805, which costs more than the pass it saves, at 512 and 8192 tokens, out = 4096 and 11008; so
+    "cublas" is the default. "cublas-accumulate" was 1-4% faster than "cublas" at 8192 tokens and 1-3% slower at 512
+    in one run (2685fc4), within that run's noise; ``make gpu-check`` compares all three;
+    ``VERA_KERNELS_BASE_GEMM`` selects one.
     """
     env = os.environ.get(ENV_BASE_GEMM)
     if env:
@@ -490,34 +473,31 @@ def _fwd_impl(
     fan_in_fan_out: bool,
     base_gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): y = base + (h diag(lambda_d)) B_s^T diag(lambda_b); h = drop(x) A_s^T, saved for backward.
+    """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward.
     ``base_gemm``: see base_gemm_mode.
 
-    Two Triton launches besides the base GEMM: the down kernel writes h and h diag(lambda_d) from one accumulator,
-    the up kernel reads B_s as it is and applies lambda_b in its epilogue. Only the fused-base arrangement, whose
-    accumulator also holds x W^T, folds the lambdas into one (out, r) operand first (scale_projection)."""
+    R is folded by one small Triton launch (scale_projection). The two rank-r GEMMs are cuBLAS's: on the H100
+    (bench/results/2026-11-27-H100.md, gpu-check at 2685fc4) cuBLAS ran x A_s^T at 428 TFLOP/s against 163-357 for
+    the down kernel, and the (N x out) update of y in 0.217 ms against 0.270 for the up kernel (4096->11008, 8192
+    tokens). With dropout, h comes from the down kernel, which applies the Philox mask while it loads x (the mask is
+    never stored). The fused-base arrangement keeps the up kernel: its accumulator holds x W^T too."""
     cd = x.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    fused = weight is not None and base_gemm == "triton"
-    h, _, h_ld = vera_down(x, vera_A_s.to(cd).t(), scaled_copy=None if fused else lambda_d, seed=seed, p=dropout_p)
-    n_out = vera_B_s.shape[0]
-    if fused:
-        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
-        R_kn = scale_projection(vera_B_s, lambda_b, cd, fold_d=lambda_d)[0].t()  # (r, out)
-        vera_up(h, R_kn, y, xb=x, wb_kn=_weight_kn(weight, fan_in_fan_out, False), bias=bias)
-        return y, h
-    B_kn = vera_B_s.to(cd).t()  # (r, out) view; the layer passes a cached cast
+    A_kn = vera_A_s.to(cd).t()  # (in, r) view; the layer passes a cached cast
+    h = vera_down(x, A_kn, seed=seed, p=dropout_p)[0] if dropout_p > 0 else torch.mm(x, A_kn)
+    R_kn = scale_projection(vera_B_s, lambda_b, cd, fold_d=lambda_d)[0].t()  # (r, out)
     if weight is None:
-        y = torch.empty_like(base_out)
-        vera_up(h_ld, B_kn, y, acc_in=base_out, col_scale=lambda_b)
+        return torch.addmm(base_out, h, R_kn), h
+    w_kn = _weight_kn(weight, fan_in_fan_out, False)
+    if base_gemm == "triton":
+        y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
+        vera_up(h, R_kn, y, xb=x, wb_kn=w_kn, bias=bias)
     elif base_gemm == "cublas-accumulate":
-        y = torch.empty((x.shape[0], n_out), device=x.device, dtype=cd)
-        vera_up(h_ld, B_kn, y, bias=bias, col_scale=lambda_b)
-        y.addmm_(x, _weight_kn(weight, fan_in_fan_out, False))
+        y = torch.addmm(bias, h, R_kn) if bias is not None else torch.mm(h, R_kn)
+        y.addmm_(x, w_kn)
     else:
-        w_kn = _weight_kn(weight, fan_in_fan_out, False)
         y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
-        vera_up(h_ld, B_kn, y, acc_in=y, col_scale=lambda_b)
+        y.addmm_(h, R_kn)
     return y, h
 
 
@@ -547,7 +527,7 @@ def _bwd_impl(
     G = (g.t() @ h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, instead of (N x out) products
     Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
     # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
-    grad_h, part_ld, _ = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
+    grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
         dld = part_ld.sum(0)
     else:  # two tensors: a custom op's outputs may not alias each other

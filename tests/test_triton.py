@@ -151,10 +151,10 @@ def test_dropout_seed_is_drawn_on_the_input_device_and_passed_as_that_tensor(mon
     """The triton backend's seed is a tensor on x's device, drawn from that device's generator, and every dropout
     launch gets that very tensor (the kernels read it on the device): no host value is baked into a launch, so a
     captured CUDA graph draws a fresh mask per replay (checked on a GPU by gpu-check's cuda-graph-dropout). The
-    torch backend seeds a host generator: CPU."""
+    torch backend's seed lives on the input's device too (its mask is built from device tensor ops)."""
     on_meta = torch.empty(2, device="meta")
     assert vk.ops.seed_device("triton", on_meta) == torch.device("meta")
-    assert vk.ops.seed_device("torch", on_meta) == torch.device("cpu")
+    assert vk.ops.seed_device("torch", on_meta) == torch.device("meta")
     draws, launches = [], []
     draw = vk.ops.draw_dropout_seed
 
@@ -226,10 +226,14 @@ def test_only_h_is_saved():
             total[0] += t.untyped_storage().nbytes()
         return t
 
-    A16, B16 = A.to(torch.float16), B.to(torch.float16)  # the layer passes cached casts; count only activations
-    excl |= {A16.untyped_storage().data_ptr(), B16.untyped_storage().data_ptr()}
+    A16 = A.to(torch.float16)  # the layer passes a cached cast of A (B stays float32); count only activations
+    excl |= {A16.untyped_storage().data_ptr()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        vera_linear(x, W, b, A16, B16, ld, lb, backend="triton")
+        vera_linear(x, W, b, A16, B, ld, lb, backend="triton")
+    assert total[0] == 64 * 19 * 2
+    total[0] = 0  # a float32 A given to the op is cast per call, and that cast is not kept either
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vera_linear(x, W, b, A, B, ld, lb, backend="triton")
     assert total[0] == 64 * 19 * 2
 
 
@@ -285,9 +289,9 @@ def test_scale_projection_and_dlambda_b(n_out, dtype):
 
 def test_explicit_base_gemm_is_validated():
     x, W, _, A, B, ld, lb = _inputs(5, 33, 65, 8, 33, 65, torch.float32)
+    h = x.detach() @ A[:, :33].t()
     with pytest.raises(ValueError, match="base_gemm"):
-        vt.vera_linear_triton(x, W, None, None, A, B, ld, lb, dropout_p=0.0, seed=None, fan_in_fan_out=False,
-                              base_gemm="bogus")
+        vt.up(None, h, B[:65], ld, lb, fused_base=(x.detach(), W, None, False, "bogus"))
 
 
 def test_unknown_base_gemm_mode_is_refused():
@@ -309,22 +313,30 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["all", "x-only", "lambdas-only"])
+@pytest.mark.parametrize("need_lambdas", [True, False], ids=["lambdas", "no-lambdas"])
 @pytest.mark.parametrize("base", BASE_GEMMS)
-def test_custom_ops_opcheck(base, needs):
+def test_custom_ops_opcheck(base, need_lambdas):
     """Schema, fake (meta) implementations and dispatch of the registered ops agree with the real ones (and their
-    outputs never alias one another), whichever gradients backward is asked for."""
+    outputs never alias one another), in each base arrangement, with and without dropout, whichever gradients
+    backward is asked for."""
     x, W, b, A, B, ld, lb = _inputs(37, 45, 29, 19, 50, 33, torch.float32)
     A_s, B_s = A[:, :45], B[:29]
-    x, ld, lb = x.detach(), ld.detach(), lb.detach()
-    fwd_args = (x, W.detach(), b.detach(), None, A_s, B_s, ld, lb, None, 0.0, False, base)
-    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_fwd.default, fwd_args,
-                          test_utils=("test_schema", "test_faketensor"))
-    y, h = torch.ops.vera_kernels.triton_vera_fwd(*fwd_args)
-    g = torch.randn_like(y)
-    bwd_args = (g, W.detach(), h, A_s, B_s, ld, lb, None, 0.0, False, *needs, base)
-    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_bwd.default, bwd_args,
-                          test_utils=("test_schema", "test_faketensor"))
+    x, W, b, ld, lb = x.detach(), W.detach(), b.detach(), ld.detach(), lb.detach()
+    seed = vk.ops.draw_dropout_seed(x.device)
+    check = dict(test_utils=("test_schema", "test_faketensor"))
+    for p in (0.0, 0.3):
+        torch.library.opcheck(torch.ops.vera_kernels.triton_vera_down_fwd.default, (x, A_s, seed, p), **check)
+        h = torch.ops.vera_kernels.triton_vera_down_fwd(x, A_s, seed, p)
+        torch.library.opcheck(torch.ops.vera_kernels.triton_vera_down_bwd.default, (torch.randn_like(h), A_s, seed, p),
+                              **check)
+    fused = base != "cublas"
+    base_out = None if fused else torch.nn.functional.linear(x, W, b)
+    fwd_args = (base_out, h, B_s, ld, lb, x if fused else None, W if fused else None, b if fused else None, False,
+                base)
+    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_up_fwd.default, fwd_args, **check)
+    y = torch.ops.vera_kernels.triton_vera_up_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.vera_kernels.triton_vera_up_bwd.default,
+                          (torch.randn_like(y), h, B_s, ld, lb, need_lambdas), **check)
 
 
 class _Block(nn.Module):

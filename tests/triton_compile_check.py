@@ -5,7 +5,7 @@ interpreter test and still fail to compile on a GPU (an H100 run once lost the t
 that only triton 3.6's code generator raised), or compile and then be refused at launch for asking more shared memory
 than the card has. This script catches both without a GPU:
 
-1. It drives the backend's own launchers (``_fwd_impl`` / ``_bwd_impl`` / ``dropout_keep_mask``) on meta tensors of
+1. It drives the backend's own launchers (the down and up nodes' ``_*_impl`` and ``dropout_keep_mask``) on meta tensors of
    GPU-sized shapes, with the block-size heuristic answering as it does for CUDA tensors, and records every launch
    (kernel, arguments, constexprs, warps, stages) instead of running it.
 2. It compiles each distinct launch through the JIT (``run(..., warmup=True)``, which compiles and does not launch)
@@ -186,17 +186,21 @@ def _drive(vt, dtype, M, K, N, r):
     meta = dict(device="meta", dtype=dtype)
     x, g = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
     weight, bias = torch.empty(N, K, **meta), torch.empty(N, **meta)
-    A, B = torch.empty(r, K + 5, **meta)[:, :K], torch.empty(N + 3, r, **meta)[:N]  # strided slices, as in a model
+    # strided slices, as in a model: A in the compute dtype (the layer's cached cast), B float32
+    A = torch.empty(r, K + 5, **meta)[:, :K]
+    B = torch.empty(N + 3, r, device="meta", dtype=torch.float32)[:N]
     ld, lb = torch.empty(r, device="meta"), torch.empty(N, device="meta")
     seed = torch.empty((), dtype=torch.int64, device="meta")
     h = torch.empty(M, r, **meta)
-    for p in (0.0, 0.1):
-        for base_gemm in vt.BASE_GEMMS:
-            for b in (bias, None):
-                vt._fwd_impl(x, weight, b, None, A, B, ld, lb, seed, p, False, base_gemm)
-            vt._bwd_impl(g, weight, h, A, B, ld, lb, seed, p, False, True, True, base_gemm)
-        vt._fwd_impl(x, None, None, g, A, B, ld, lb, seed, p, False, "cublas")  # base computed elsewhere (bnb)
-        vt._bwd_impl(g, None, h, A, B, ld, lb, seed, p, False, True, False, "cublas")
+    vt._down_fwd_impl(x, A, seed, 0.1)  # the down node's kernels run with dropout only (cuBLAS without)
+    vt._down_bwd_impl(h, A, seed, 0.1)
+    for base_gemm in vt.BASE_GEMMS:
+        fused = base_gemm != "cublas"
+        for b in (bias, None):
+            vt._up_fwd_impl(None if fused else g, h, B, ld, lb, x if fused else None, weight if fused else None,
+                            b if fused else None, False, base_gemm)
+    for need_lambdas in (True, False):
+        vt._up_bwd_impl(g, h, B, ld, lb, need_lambdas)
 
 
 # ============================================================================================ compiling

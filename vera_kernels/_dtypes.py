@@ -18,6 +18,18 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = COMPUTE_DTYPES + (torch.float64,)
 
 
+def allowed_dtypes(backend: str) -> tuple:
+    """The activation dtypes a concrete backend takes (float64 only where tests evaluate the formula exactly)."""
+    return COMPUTE_DTYPES if backend == "triton" else REFERENCE_DTYPES
+
+
+def adapter_compute_dtype(backend: str, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the adapter branch's GEMMs (and of h): float32 for the reference (PEFT's "autocast adapter
+    dtype"), the activation dtype for the fused backends (for a quantized base: its compute dtype, the dtype of its
+    output), with float32 accumulation and float32 lambdas."""
+    return PARAM_DTYPE if backend == "reference" else activation_dtype
+
+
 def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = "input") -> None:
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)

@@ -77,11 +77,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def fused_base_mode(backend: str):
+    """The fused base-GEMM arrangement the up node should use ("cublas-accumulate" or "triton", see
+    vera_triton.base_gemm_mode), or None when the base runs as its own GEMM (the default, and every backend but
+    triton)."""
+    if backend != "triton":
+        return None
+    mode = get_impl("triton").base_gemm_mode()
+    return None if mode == "cublas" else mode
+
+
 _IMPLS: dict = {}
 
 
 def get_impl(backend: str):
-    """The forward function of a concrete backend (imported on first use)."""
+    """The module of a concrete backend (imported on first use): ``down(x, A_s, dropout_p, seed) -> h`` and
+    ``up(base, h, B_s, lambda_d, lambda_b, fused_base=None) -> y`` autograd nodes, ``FLAT`` (whether they take
+    (N, features) tensors) and ``SEEDED`` (whether dropout needs a seed from ops.draw_dropout_seed)."""
     impl = _IMPLS.get(backend)
     if impl is None:
         impl = _IMPLS[backend] = _load_impl(backend)
@@ -90,15 +102,15 @@ def get_impl(backend: str):
 
 def _load_impl(backend: str):
     if backend == "reference":
-        from .ops.reference import vera_linear_reference
+        from .ops import reference
 
-        return vera_linear_reference
+        return reference
     if backend == "torch":
-        from .ops.vera_torch import vera_linear_torch
+        from .ops import vera_torch
 
-        return vera_linear_torch
+        return vera_torch
     if backend == "triton":
-        from .ops.vera_triton import vera_linear_triton
+        from .ops import vera_triton
 
-        return vera_linear_triton
+        return vera_triton
     raise ValueError(f"not a concrete backend: {backend!r}")

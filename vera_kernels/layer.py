@@ -8,14 +8,17 @@ Inside a patched model a targeted ``<path>`` becomes a VeraLinear whose
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
-from ._dtypes import COMPUTE_DTYPES, PARAM_DTYPE, float32_preserving
-from .backends import check_backend_name, resolve_backend
-from .ops import vera_add_delta, vera_linear_prechecked
+from ._dtypes import (PARAM_DTYPE, adapter_compute_dtype, allowed_dtypes, autocast_dtype, check_activation_dtype,
+                      float32_preserving)
+from .backends import check_backend_name, get_impl, resolve_backend
+from .ops import linear_base, run_adapters
 from .projections import VeraProjections
 from .targeting import in_out_features
 
@@ -45,6 +48,11 @@ class VeraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.backend = check_backend_name(backend)
+        # the forward a base layer's class must have for the base to be computed here as a plain GEMM (_plain_base):
+        # nn.Linear's own, or transformers' Conv1D's (a subclass that overrides forward runs as itself)
+        self._plain_forward = (nn.Linear.forward if base_kind == "linear" else
+                               type(base_layer).forward if base_kind == "conv1d"
+                               and type(base_layer).__module__.startswith("transformers") else None)
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -158,6 +166,10 @@ class VeraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base(x) + the active adapters' deltas. The host path is kept short (a small eager step is bound by it):
+        the base runs as F.linear / addmm on the flattened input when the base layer is a plain Linear or Conv1D
+        with no hooks (else through the layer itself, hooks, offloading and quantized forwards included), and the
+        adapters run as backend nodes on cached operand views (``ops.run_adapters``), sharing h with siblings."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"vera_kernels: the input's last dimension is {x.shape[-1]} but this layer expects "
@@ -167,34 +179,67 @@ class VeraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self._base_forward(x, *args, **kwargs)
-        if self.merged:
-            return self._base_forward(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.vera_lambda_d]
-        if not active:
+        active = self.active_adapters
+        if self.merged or not active:
             return self._base_forward(x, *args, **kwargs)
 
-        backend = resolve_backend(self.backend, x.device)
-        # the fused backends compute in the activation dtype: cached casts of the float32 projections
-        dtype = x.dtype if backend != "reference" and x.dtype in COMPUTE_DTYPES else PARAM_DTYPE
-        fused_base = self.base_kind in ("linear", "conv1d") and backend != "reference" and not args and not kwargs
-        if fused_base:
-            first, rest = active[0], active[1:]
-            base = self.base_layer
-            A_s, B_s = self.vera_projections.slices_for_compute(dtype, self.in_features, self.out_features)
-            y = vera_linear_prechecked(
-                x, base.weight, base.bias, A_s, B_s, self.vera_lambda_d[first], self.vera_lambda_b[first],
-                self.vera_dropout[first], self.training, self.fan_in_fan_out, backend,
+        concrete = resolve_backend(self.backend, x.device)
+        impl = get_impl(concrete)
+        lambdas_d = self._modules["vera_lambda_d"]._parameters
+        lambdas_b = self._modules["vera_lambda_b"]._parameters
+        training = self.training
+        adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
+        if adapters[0][0].is_meta:
+            raise RuntimeError(
+                f"vera_kernels: the adapter's lambdas of this layer are on the meta device (not materialised, e.g. "
+                f"offloaded by accelerate); move the patched model to a device before running it ({self.extra_repr()})"
             )
-        else:
-            y, rest = self._base_forward(x, *args, **kwargs), active
-        if rest:
-            vera_A, vera_B = self.vera_projections.for_compute(dtype)
-        for name in rest:
-            y = vera_add_delta(
-                y, x, vera_A, vera_B, self.vera_lambda_d[name], self.vera_lambda_b[name],
-                dropout_p=self.vera_dropout[name], training=self.training, backend=backend,
-            )
+        plain = self._plain_base(args, kwargs)
+        ac = autocast_dtype(x.device.type)
+        if plain is None:  # the base layer runs as set up (hooks, offloading, quantized kernels, autocast)
+            base_out = self._base_forward(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+            xc = x.to(ac) if ac is not None else x
+            xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
+            fused = None
+            if plain is not None:
+                weight, bias = plain
+                if ac is not None:
+                    weight, bias = weight.to(ac), (bias.to(ac) if bias is not None else None)
+                base_out, fused = linear_base(concrete, impl, xf, weight, bias, self.fan_in_fan_out)
+            elif impl.FLAT and base_out.dim() != 2:
+                base_out = base_out.reshape(-1, self.out_features)
+            cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype)
+            check_activation_dtype(xf, allowed_dtypes(concrete))
+            if concrete != "reference" and xf.dtype != cd:
+                xf = xf.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
+            A_s, B_s = self.vera_projections.operands(cd, self.in_features, self.out_features)
+            share = self.vera_projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
+            y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, fused_base=fused, share=share)
+        if impl.FLAT and x.dim() != 2:
+            return y.view(*x.shape[:-1], self.out_features)
         return y
+
+    def _plain_base(self, args, kwargs):
+        """(weight, bias) when the base layer may be computed here as a plain GEMM, else None: only an nn.Linear or
+        Conv1D of its class's own forward, called with x alone, with no module hooks (its own or global ones) and
+        no replaced forward (accelerate's hooks patch ``forward`` on the instance). A weight on the meta device
+        with nothing to materialise it is an error, not a read of garbage."""
+        base = self._modules["base_layer"]
+        if args or kwargs or self._plain_forward is None or type(base).forward is not self._plain_forward:
+            return None
+        if (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or "forward" in base.__dict__ or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks):
+            return None
+        weight = base._parameters["weight"]
+        if weight.is_meta:
+            raise RuntimeError(
+                "vera_kernels: the base layer's weight is on the meta device and no hook materialises it (was the "
+                f"model offloaded or loaded with device_map and its hooks removed?): {self.extra_repr()}"
+            )
+        return weight, base._parameters.get("bias")
 
     def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer alone: bitsandbytes' forward for a quantized base, or dequantize-then-matmul where

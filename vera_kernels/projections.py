@@ -7,6 +7,7 @@ tensor's second dimension. in_max / out_max are the largest in/out features over
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ._dtypes import PARAM_DTYPE, float32_preserving
+from .sharing import SharedH
 
 
 class _Slices(NamedTuple):
@@ -24,6 +26,11 @@ class _Slices(NamedTuple):
     storage: tuple[int, int]
     A_s: torch.Tensor
     B_s: torch.Tensor
+
+
+def _normal_tensors():
+    """A context in which cached casts and views are normal tensors even when the caller is in inference mode."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -59,6 +66,7 @@ class VeraProjections(nn.Module):
         self.projection_prng_key = projection_prng_key
         self.save_projection = save_projection
         self._cast_cache: dict = {}
+        self.shared_h = SharedH()  # h = x A_s^T shared by sibling layers within a forward (vera_kernels.sharing)
         self._slice_cache: dict = {}
 
     @classmethod
@@ -102,7 +110,9 @@ class VeraProjections(nn.Module):
 
     def for_compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in ``dtype``: the float32 masters themselves, or casts cached in eager mode and refreshed whenever
-        the masters change (version counter), move or are replaced. Saves two cast kernels per layer call."""
+        the masters change (version counter), move or are replaced. Saves two cast kernels per layer call.
+        A cast made during ``torch.inference_mode()`` is made outside it: an inference tensor in the cache would
+        break every later training step ("Inference tensors cannot be saved for backward")."""
         A, B = self.vera_A, self.vera_B
         if dtype == A.dtype:
             return A, B
@@ -111,27 +121,32 @@ class VeraProjections(nn.Module):
         key = (A.device, A.data_ptr(), B.data_ptr(), A._version, B._version)
         hit = self._cast_cache.get(dtype)
         if hit is None or hit[0] != key:
-            hit = (key, A.to(dtype), B.to(dtype))
+            with _normal_tensors():
+                hit = (key, A.to(dtype), B.to(dtype))
             self._cast_cache[dtype] = hit
         return hit[1], hit[2]
 
-    def slices_for_compute(self, dtype: torch.dtype, in_features: int, out_features: int):
-        """(A[:, :in_features], B[:out_features]) of ``for_compute(dtype)``: one layer's operands. The views are
-        cached per (dtype, shape) while the tensors behind them stay the same, saving two view ops per layer call."""
-        A, B = self.for_compute(dtype)
+    def operands(self, dtype: torch.dtype, in_features: int, out_features: int):
+        """One layer's operands: (A[:, :in_features] in ``dtype``, B[:out_features] in float32). The fused backends
+        take A in the compute dtype (a cached cast) and fold B with the float32 lambdas; the reference takes both in
+        float32. The views are cached per (dtype, shape) while the tensors behind them stay the same (`.data =`,
+        swap_tensors, a device move or a new cast all refresh them), saving the slicing ops per layer call."""
+        A, B = self.for_compute(dtype)[0], self.vera_B
         if torch.compiler.is_compiling():
             return A[:, :in_features], B[:out_features]
         key = (dtype, in_features, out_features)
-        storage = (A.data_ptr(), B.data_ptr())  # the same tensors on the same storage (`.data =`, swap_tensors)
+        storage = (A.data_ptr(), B.data_ptr())
         hit = self._slice_cache.get(key)
         if hit is None or hit.A is not A or hit.B is not B or hit.storage != storage:
-            hit = _Slices(A, B, storage, A[:, :in_features], B[:out_features])
+            with _normal_tensors():
+                hit = _Slices(A, B, storage, A[:, :in_features], B[:out_features])
             self._slice_cache[key] = hit
         return hit.A_s, hit.B_s
 
     def _apply(self, fn, recurse=True):
         self._cast_cache.clear()  # casts and views of the tensors being moved or replaced
         self._slice_cache.clear()
+        self.shared_h.clear()
         return super()._apply(float32_preserving(fn), recurse)
 
     def extra_repr(self) -> str:

@@ -2,11 +2,12 @@
 
     y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A[:, :in]^T)) B[:out]^T)
 
-``vera_linear`` is the public function; ``vera_add_delta`` adds the delta to a base output computed elsewhere (for
-base layers whose forward is not a plain matmul, such as quantized ones). Both check their inputs, slice the
-projections as views, honour autocast, draw the dropout seed from torch's default generator, and dispatch to a
-backend (see ``vera_kernels.backends``), which takes any leading dimensions (the fused backends flatten them inside
-their autograd node, so no view nodes surround it).
+Every backend computes it as two autograd nodes (see ``vera_kernels.backends``): ``down`` (x -> h = dropout(x) A_s^T,
+the part that depends on the input only, so layers reading one input can share it: ``vera_kernels.sharing``) and
+``up`` (h, base, lambdas -> y, one per layer and adapter). ``vera_linear`` is the public function;
+``vera_add_delta`` adds the delta to a base output computed elsewhere (for base layers whose forward is not a plain
+matmul, such as quantized ones). Both check their inputs, slice the projections as views, honour autocast, draw the
+dropout seed on the input's device from torch's generator, and run ``run_adapters``, which VeraLinear calls too.
 """
 
 from __future__ import annotations
@@ -15,38 +16,79 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _dtypes
-from ..backends import BACKENDS, get_impl, resolve_backend
+from ..backends import fused_base_mode, get_impl, resolve_backend
 
-__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed"]
+__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed", "run_adapters"]
 
 
 def draw_dropout_seed(device: Optional[torch.device] = None) -> torch.Tensor:
     """A 0-dim int64 tensor on ``device`` (default CPU) drawn from that device's default generator, which
     ``torch.manual_seed`` seeds.
 
-    The triton backend draws its seed on the input's device and its kernels read it from there: no host value is
-    baked into a launch, so a CUDA graph that captures the layer draws a fresh seed (a fresh mask) on every replay,
-    as it does for torch's own dropout, and torch.compile keeps the whole step on the device. The torch backend
-    seeds a host-side generator, so it draws on the CPU (and refuses CUDA-graph capture with dropout, see
-    ``_check_capture``)."""
+    The seeded backends (torch, triton) draw their seed on the input's device and regenerate the mask from it there:
+    no host value is baked into a launch, so a CUDA graph that captures the layer draws a fresh seed (a fresh mask)
+    on every replay, as it does for torch's own dropout, and torch.compile keeps the whole step on the device."""
     return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 def seed_device(backend: str, x: torch.Tensor) -> torch.device:
-    """Where a concrete backend's dropout seed lives (see draw_dropout_seed)."""
-    return x.device if backend == "triton" else torch.device("cpu")
+    """Where a seeded backend's dropout seed lives: on the input's device, for every backend."""
+    return x.device
 
 
-def _check_capture(backend: str, x: torch.Tensor) -> None:
-    """Adapter dropout under CUDA-graph capture: only the backends whose masks come from the device's generator can
-    be replayed (a fresh mask every replay); the torch backend's host-seeded mask would fail inside the capture."""
-    if backend == "torch" and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "vera_kernels: adapter dropout with backend='torch' cannot be captured in a CUDA graph (its mask is "
-            "drawn from a host-seeded generator); use backend='triton' or 'reference', or vera_dropout=0"
+def run_adapters(impl, x: torch.Tensor, base: Optional[torch.Tensor], vera_A_s: torch.Tensor,
+                 vera_B_s: torch.Tensor, adapters, *, fused_base=None, share=None) -> torch.Tensor:
+    """``base`` plus the delta of every adapter in ``adapters`` ((lambda_d, lambda_b, dropout_p) triples, dropout
+    already zero outside training), computed by backend module ``impl`` (see backends.get_impl).
+
+    ``x`` and ``base`` are as the backend takes them (flattened to (N, features) for the fused backends, in the
+    compute dtype: ``_dtypes.adapter_compute_dtype``), ``vera_A_s`` in the compute dtype or float32 (cast by the down
+    node; the layer passes a cached cast),
+    ``vera_B_s`` and the lambdas float32. Adapters without dropout share one h (A is the same for all of them);
+    ``share`` (a ``sharing.HSlot`` or None) also shares it with sibling layers that read the same input. With
+    ``fused_base = (weight, bias, fan_in_fan_out, mode)`` and base None, the first adapter's up node computes the
+    base GEMM too (the triton backend's fused arrangements)."""
+    hs: dict = {}  # this call's h per dropout probability: the dropout-free one serves every adapter without it
+    for lambda_d, lambda_b, p in adapters:
+        shared = share is not None and (p == 0.0 or share.shares_dropout())
+        h = hs.get(p) if shared or p == 0.0 else None
+        if h is None and shared:
+            h = share.get(p)
+        if h is None:
+            h = impl.down(x, vera_A_s, p, draw_dropout_seed(x.device) if p > 0.0 and impl.SEEDED else None)
+            if shared:
+                share.put(h, p)
+        if shared or p == 0.0:
+            hs[p] = h
+        if fused_base is not None and base is None:
+            weight, bias, fan_in_fan_out, mode = fused_base
+            base = impl.up(None, h, vera_B_s, lambda_d, lambda_b, fused_base=(x, weight, bias, fan_in_fan_out, mode))
+        else:
+            base = impl.up(base, h, vera_B_s, lambda_d, lambda_b)
+    return base
+
+
+def linear_base(backend: str, impl, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                fan_in_fan_out: bool):
+    """(base, fused_base) for a plain linear base on the backend's input ``x``: base = x W^T + b computed here
+    (F.linear, or Conv1D's own addmm on the flattened input, so the reference stays bit-identical to PEFT), or, in
+    the triton backend's fused arrangements, base None and ``fused_base`` for ``run_adapters``."""
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(
+            f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
+            + (f", bias is {bias.dtype}" if bias is not None else "")
         )
+    mode = fused_base_mode(backend) if impl.FLAT else None
+    if mode is not None:
+        return None, (weight, bias, fan_in_fan_out, mode)
+    if not fan_in_fan_out:
+        return F.linear(x, weight, bias), None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # transformers' Conv1D: (in, out) weight
+    y = torch.addmm(bias, x2, weight) if bias is not None else torch.mm(x2, weight)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[1])), None
 
 
 def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropout_p, tensors_on_device):
@@ -82,22 +124,37 @@ def _check_vera_inputs(x, in_f, out_f, vera_A, vera_B, lambda_d, lambda_b, dropo
         raise ValueError(f"vera_kernels: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _dispatch(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training, fan_in_fan_out,
+def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training, fan_in_fan_out,
               backend):
-    concrete = backend if backend in BACKENDS else resolve_backend(backend, x.device)
-    if base_out is not None and base_out.dtype != x.dtype and concrete != "reference":
-        x = x.to(base_out.dtype)  # quantized bases compute in their compute dtype; the fused delta follows it
-    allowed = _dtypes.REFERENCE_DTYPES if concrete in ("reference", "torch") else _dtypes.COMPUTE_DTYPES
-    _dtypes.check_activation_dtype(x, allowed)
-    p = float(dropout_p) if training else 0.0
-    seed = None
-    if p > 0.0 and concrete != "reference":  # the reference backend is PEFT's F.dropout on the global generator
-        _check_capture(concrete, x)
-        seed = draw_dropout_seed(seed_device(concrete, x))
-    return get_impl(concrete)(  # any leading dimensions: each backend flattens them inside its autograd node
-        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p=p, seed=seed,
-        fan_in_fan_out=fan_in_fan_out,
-    )
+    """The op-level path shared by vera_linear and vera_add_delta: resolve the backend, apply autocast and the dtype
+    rules, flatten for the fused backends, compute the base (or take base_out), add the delta, restore the shape."""
+    concrete = resolve_backend(backend, x.device)
+    impl = get_impl(concrete)
+    in_f = x.shape[-1]
+    out_f = lambda_b.shape[0]
+    ac = _dtypes.autocast_dtype(x.device.type)
+    if ac is not None:
+        x = x.to(ac)
+        if weight is not None:
+            weight, bias = weight.to(ac), (bias.to(ac) if bias is not None else None)
+    lead = x.shape[:-1]
+    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+        _dtypes.check_activation_dtype(x, _dtypes.allowed_dtypes(concrete))
+        if impl.FLAT:
+            x = x.reshape(-1, in_f)
+            if base_out is not None:
+                base_out = base_out.reshape(-1, out_f)
+        fused = None
+        if base_out is None:
+            base_out, fused = linear_base(concrete, impl, x, weight, bias, fan_in_fan_out)
+        cd = _dtypes.adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else x.dtype)
+        if concrete != "reference" and x.dtype != cd:
+            x = x.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
+        # the nodes cast A to the compute dtype (keeping this view, not the cast) and fold B with the lambdas
+        A_s, B_s = vera_A[:, :in_f], vera_B[:out_f, :]
+        p = float(dropout_p) if training else 0.0
+        y = run_adapters(impl, x, base_out, A_s, B_s, [(lambda_d, lambda_b, p)], fused_base=fused)
+    return y.view(*lead, out_f) if impl.FLAT and len(lead) != 1 else y
 
 
 def vera_linear(
@@ -130,27 +187,8 @@ def vera_linear(
         [("weight", weight), ("bias", bias), ("vera_A", vera_A), ("vera_B", vera_B), ("lambda_d", lambda_d),
          ("lambda_b", lambda_b)],
     )
-    return vera_linear_prechecked(x, weight, bias, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b,
-                                  dropout_p, training, fan_in_fan_out, backend)
-
-
-def vera_linear_prechecked(x, weight, bias, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training,
-                           fan_in_fan_out, backend):
-    """``vera_linear`` without the shape/device validation and on the layer's slices A[:, :in], B[:out], for callers
-    whose tensors are consistent by construction (VeraLinear checks the input width itself). Autocast and the dtype
-    rules still apply."""
-    ac = _dtypes.autocast_dtype(x.device.type)
-    if ac is not None:
-        x, weight = x.to(ac), weight.to(ac)
-        bias = bias.to(ac) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
-            + (f", bias is {bias.dtype}" if bias is not None else "")
-        )
-    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        return _dispatch(x, weight, bias, None, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, training,
-                         fan_in_fan_out, backend)
+    return _delta_op(x, weight, bias, None, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training,
+                     fan_in_fan_out, backend)
 
 
 def vera_add_delta(
@@ -172,15 +210,10 @@ def vera_add_delta(
         [("base_out", base_out), ("vera_A", vera_A), ("vera_B", vera_B), ("lambda_d", lambda_d),
          ("lambda_b", lambda_b)],
     )
-    in_f = x.shape[-1]
     if base_out.shape != (*x.shape[:-1], out_f):
         raise ValueError(
             f"vera_kernels: base output shape {tuple(base_out.shape)} does not match input {tuple(x.shape)} "
             f"and out_features={out_f}"
         )
-    ac = _dtypes.autocast_dtype(x.device.type)
-    if ac is not None:
-        x = x.to(ac)
-    with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        return _dispatch(x, None, None, base_out, vera_A[:, :in_f], vera_B[:out_f, :], lambda_d, lambda_b,
-                         dropout_p, training, False, backend)
+    return _delta_op(x, None, None, base_out, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training, False,
+                     backend)

@@ -5,6 +5,8 @@
     result = result + lambda_b * F.linear(lambda_d * F.linear(dropout(x32), A_s), B_s)
     return result.to(base dtype)
 
+split as ``down`` (x -> h, the part sibling layers can share) and ``up`` (h, base, lambdas -> y).
+
 Dropout here is ``F.dropout`` on torch's global generator, as PEFT's ``nn.Dropout``; the seed argument is unused.
 Autograd keeps (tokens x r) and (tokens x out) float32 intermediates for backward: this is the memory the other
 backends save.
@@ -18,30 +20,26 @@ import torch
 import torch.nn.functional as F
 
 
-def vera_linear_reference(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    base_out: Optional[torch.Tensor],
-    vera_A_s: torch.Tensor,
-    vera_B_s: torch.Tensor,
-    lambda_d: torch.Tensor,
-    lambda_b: torch.Tensor,
-    *,
-    dropout_p: float,
-    seed: Optional[torch.Tensor],
-    fan_in_fan_out: bool,
-) -> torch.Tensor:
-    if base_out is None:
-        base_out = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
-    out_dtype = base_out.dtype
-    x_ad = x.to(lambda_d.dtype)
+FLAT = False  # PEFT's math on the input as the layer got it (any leading dimensions): bit-identical to PEFT
+SEEDED = False  # PEFT's F.dropout on torch's global generator: no seed
+SHARES_H = False  # never: PEFT computes h per layer, and summing siblings' grad_h first would round differently
+
+
+def down(x: torch.Tensor, vera_A_s: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """h = F.linear(dropout(x.to(A's dtype)), A_s): PEFT's first adapter GEMM, in float32 (the seed is unused: the
+    mask is PEFT's F.dropout on torch's global generator)."""
+    x_ad = x.to(vera_A_s.dtype)
     if dropout_p > 0.0:
         x_ad = F.dropout(x_ad, dropout_p, training=True)
-    A_s = vera_A_s.to(x_ad.dtype)
-    B_s = vera_B_s.to(x_ad.dtype)
-    result = base_out + lambda_b * F.linear(lambda_d * F.linear(x_ad, A_s), B_s)
-    return result.to(out_dtype)
+    return F.linear(x_ad, vera_A_s)
+
+
+def up(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor,
+       fused_base=None) -> torch.Tensor:
+    """(base + lambda_b * F.linear(lambda_d * h, B_s)).to(base's dtype): the rest of PEFT's branch."""
+    if fused_base is not None:
+        raise ValueError("vera_kernels: the reference backend has no fused base GEMM")
+    return (base + lambda_b * F.linear(lambda_d * h, vera_B_s.to(h.dtype))).to(base.dtype)
 
 
 def vera_formula(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, *, fan_in_fan_out=False, keep=None,

@@ -1,8 +1,17 @@
-"""The "torch" backend: VeRA as one autograd.Function with a hand-derived backward that keeps only h = x A_s^T.
+"""The "torch" backend: VeRA as a down node (x -> h) and an up node (h, base, lambdas -> y), each a small
+autograd.Function with a hand-derived backward; only h = dropout(x) A_s^T is kept between them.
 
-Reads top to bottom: dropout-mask regeneration -> autograd.Function (derivation in its docstring) -> public function.
-Runs on any device torch runs on; on CUDA it is a strong unfused baseline (cuBLAS GEMMs, no (tokens x out)
-intermediate), on the CPU it is the backend "auto" picks.
+Reads top to bottom: the dropout mask (counter-based, traceable) -> the two autograd.Functions (derivations in their
+docstrings) -> the backend's public functions ``down`` and ``up``. Runs on any device torch runs on; on CUDA it is
+cuBLAS GEMMs with no (tokens x out) intermediate, on the CPU it is the backend "auto" picks.
+
+Why two nodes: VeRA's A is shared by every layer and adapter, so layers that read one input (q/k/v, gate/up) can
+share one h (``vera_kernels.sharing``); autograd then sums their grad_h into h before one down-node backward.
+Why custom Functions and not composed aten ops: composed, the up node's ``addmm(base, h, R^T)`` would keep R
+(out x r, per layer, per step) and the lambda products for backward; these keep h and references to parameters only.
+Host cost (the eager step is host-bound at small sizes): each node is entered through the C-level apply (see
+``_apply``), runs 2-4 aten ops in forward and 2-6 in backward, and never leaves the autograd engine's C++ loop for
+anything but its own backward.
 """
 
 from __future__ import annotations
@@ -11,137 +20,160 @@ from typing import Optional
 
 import torch
 
+# ============================================================================================ dropout mask
+_M31 = 0x7FFFFFFF
 
-def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The Bernoulli(1 - p) keep-mask the torch backend uses for ``seed``; forward and backward regenerate it.
 
-    Drawn from a private generator seeded with ``seed`` (itself drawn from torch's default generator by the op, so
-    ``torch.manual_seed`` reproduces it). Never stored between forward and backward.
+def _mix31(v: torch.Tensor) -> torch.Tensor:
+    """A bijective 31-bit integer mixer (xorshift-multiply rounds) on int64 tensors holding values in [0, 2**31).
+    Products stay below 2**63 (a 31-bit value times a 32-bit odd constant), so nothing relies on integer overflow."""
+    v = v ^ (v >> 16)
+    v = (v * 0x7FEB352D) & _M31
+    v = v ^ (v >> 15)
+    v = (v * 0x846CA68B) & _M31
+    return v ^ (v >> 16)
+
+
+def dropout_keep_mask(seed, shape, p: float, device: torch.device) -> torch.Tensor:
+    """The Bernoulli(1 - p) keep-mask the torch backend uses for ``seed`` on an (rows, cols) input.
+
+    Counter-based: element (i, j) is kept when mix(mix(mix(i + seed_lo) ^ seed_hi) ^ (j * phi)) >= p * 2**31, with
+    the seed a 0-dim int64 tensor on ``device`` (drawn there by the op from torch's generator, so
+    ``torch.manual_seed`` reproduces it). Pure tensor ops: no host generator and no ``.item()``, so torch.compile
+    traces it into the graph and a CUDA graph replays it with each replay's fresh seed. Forward and backward
+    regenerate it; it is never stored between them.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
+    rows, cols = shape
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    lo, hi = seed & _M31, (seed >> 31) & _M31
+    r = _mix31(_mix31((torch.arange(rows, device=device, dtype=torch.int64) + lo) & _M31) ^ hi)
+    c = (torch.arange(cols, device=device, dtype=torch.int64) * 0x9E3779B1) & _M31
+    return _mix31(r.unsqueeze(1) ^ c) >= int(p * 2**31)
 
 
-def with_leading_dims(y: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-    """A Function's (N, out) output given x's leading dimensions, as a tensor of its own rather than a view:
-    autograd forbids in-place ops on views made inside a custom Function, and a layer's output must take them
-    (``nn.ReLU(inplace=True)`` after it, ``logits /= T``). Used by the fused backends, which flatten inside."""
-    if len(x_shape) == 2:
-        return y
-    return torch.ops.aten._unsafe_view(y.contiguous(), (*x_shape[:-1], y.shape[-1]))
+def _dropped(x: torch.Tensor, seed, p: float) -> torch.Tensor:
+    """dropout(x) with the seed's mask: (m * x) / (1 - p), in x's dtype (a new tensor)."""
+    keep = dropout_keep_mask(seed, x.shape, p, x.device)
+    return x.masked_fill(~keep, 0).mul_(1.0 / (1.0 - p))
 
 
-class VeraLinearFunction(torch.autograd.Function):
-    r"""y = base + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), with base = x W^T + b or a given tensor.
+# ============================================================================================ autograd
+class VeraDownFunction(torch.autograd.Function):
+    r"""h = dropout(x) A_s^T: the down node, one per distinct input (shared by the sibling layers that read it).
 
-    Shapes: x (N, in) (any leading dimensions, flattened to N here), A_s (r, in), B_s (out, r), lambda_d (r),
-    lambda_b (out), W (out, in) or, with fan_in_fan_out, (in, out). Let m be the dropout keep-mask and
-    s = 1 / (1 - p), so dropout(x) = s (m * x).
-
-    Forward, in x's dtype with float32 lambdas folded into B (no (N x r) elementwise pass):
-        h = dropout(x) A_s^T                               (N, r)   <- the only activation saved
-        R = diag(lambda_b) B_s diag(lambda_d)             (out, r) small, recomputed
-        y = base + h R^T                                   (one addmm into the base output, in place)
-
-    Backward, with g = dL/dy (N, out):
-        Bl         = diag(lambda_b) B_s                    (out, r)
-        gB         = g Bl                                  (N, r)   = dL/du, u = lambda_d * h
-        dL/dlambda_d[k] = sum_n gB[n, k] h[n, k]
-        dL/dh      = gB * lambda_d                         (N, r)
-        dL/dx      = s m * (dL/dh A_s) + g W_eff           (the base's input gradient added by addmm)
-        dL/dlambda_b[o] = sum_n g[n, o] v[n, o],  v = u B_s^T   -- would need (N, out); instead
-                        = sum_k B_s[o, k] lambda_d[k] (g^T h)[o, k]    with g^T h (out, r): one extra rank-r GEMM
-        dL/dW      = g^T x  (or x^T g with fan_in_fan_out),  dL/db = sum_n g[n]   (only when they require grad;
-                                                              x is saved only then)
-    So the graph keeps h (N x r, activation dtype) and a seed; the mask is regenerated from the seed.
+    Shapes: x (N, in), A_s (r, in), seed a 0-dim int64 tensor or None. A_s is cast to x's dtype here when it is not
+    in it already (the layer passes a cached cast, so nothing is cast per call); the tensor given is what is saved,
+    so a per-call cast is never kept for backward.
+    With m the keep-mask and s = 1 / (1 - p):
+        forward:   h = (s m * x) A_s^T
+        backward:  dL/dx = s m * (dL/dh A_s)          (dL/dh summed by autograd over every layer using this h)
+    Saved: A_s (a view of the model's projections) and the seed; the mask is regenerated, never stored.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out):
-        x_shape = x.shape
-        x = x.reshape(-1, x_shape[-1])  # leading dimensions are flattened here, not by autograd views around us
-        if base_out is not None:
-            base_out = base_out.reshape(-1, base_out.shape[-1])
-        cd = x.dtype
-        seed = int(seed) if seed is not None else None
-        if dropout_p > 0.0:
-            keep = dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-            x_ad = x.masked_fill(~keep, 0).mul_(1.0 / (1.0 - dropout_p))
-            del keep
-        else:
-            x_ad = x
-        h = torch.mm(x_ad, _as(vera_A_s, cd).t())
-        del x_ad
-        # R = diag(lambda_b) B_s diag(lambda_d), float32 products (the lambdas are float32), one rounding to cd
-        R = _as(torch.mul(vera_B_s, lambda_b.unsqueeze(1)).mul_(lambda_d), cd)
-        if base_out is None:
-            w_t = weight if fan_in_fan_out else weight.t()
-            y = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
-            y.addmm_(h, R.t())
-        else:
-            y = torch.addmm(base_out, h, R.t())
-
-        needs_w = weight is not None and ctx.needs_input_grad[1]
-        ctx.save_for_backward(h, x if needs_w else None, weight, vera_A_s, vera_B_s, lambda_d, lambda_b)
+    def forward(ctx, x, vera_A_s, seed, dropout_p):
+        x_ad = _dropped(x, seed, dropout_p) if dropout_p > 0.0 else x
+        ctx.save_for_backward(vera_A_s, seed)
         ctx.dropout_p = dropout_p
-        ctx.seed = seed
-        ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.x_shape = x_shape
-        return with_leading_dims(y, x_shape)
+        return torch.mm(x_ad, _as(vera_A_s, x.dtype).t())
 
     @staticmethod
-    def backward(ctx, g_nd):
-        h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b = ctx.saved_tensors
-        need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
-        g = g_nd.reshape(-1, g_nd.shape[-1])
-        cd = g.dtype
-        grad_x = grad_w = grad_b = grad_base = grad_ld = grad_lb = None
+    def backward(ctx, grad_h):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        vera_A_s, seed = ctx.saved_tensors
+        grad_x = torch.mm(grad_h, _as(vera_A_s, grad_h.dtype))
+        p = ctx.dropout_p
+        if p > 0.0:
+            keep = dropout_keep_mask(seed, grad_x.shape, p, grad_x.device)
+            grad_x.masked_fill_(~keep, 0).mul_(1.0 / (1.0 - p))
+        return grad_x, None, None, None
 
-        if need_x or need_ld:
-            gB = torch.mm(g, _as(torch.mul(vera_B_s, lambda_b.unsqueeze(1)), cd))  # dL/du, u = lambda_d * h
-            if need_ld:
-                grad_ld = torch.mul(gB, h).sum(0, dtype=torch.float32).to(lambda_d.dtype)
-            if need_x:
-                grad_h = gB.mul_(_as(lambda_d, cd))
-                grad_x = torch.mm(grad_h, _as(vera_A_s, cd))
-                if ctx.dropout_p > 0.0:
-                    keep = dropout_keep_mask(ctx.seed, grad_x.shape, ctx.dropout_p, grad_x.device)
-                    grad_x.masked_fill_(~keep, 0).mul_(1.0 / (1.0 - ctx.dropout_p))
-                if weight is not None:
-                    grad_x.addmm_(g, weight.t() if ctx.fan_in_fan_out else weight)
-        if need_lb:
-            G = torch.mm(g.t(), h)  # (out, r): sum over tokens, instead of keeping v = u B_s^T (N x out)
-            grad_lb = torch.mv(torch.mul(G, vera_B_s).float(), lambda_d.float()).to(lambda_b.dtype)
-        if need_w:
-            grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
-        if need_b:
-            grad_b = g.sum(0)
-        if need_base:
-            grad_base = g_nd
-        if grad_x is not None:
-            grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, grad_w, grad_b, grad_base, None, None, grad_ld, grad_lb, None, None, None
+
+class VeraUpFunction(torch.autograd.Function):
+    r"""y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d): the up node, one per layer and adapter.
+
+    Shapes: base (N, out) and h (N, r) in the compute dtype; B_s (out, r), lambda_d (r), lambda_b (out) float32.
+    R is folded in float32 and rounded once to the compute dtype (no (N x r) or (N x out) elementwise pass):
+        forward:   y = base + h R^T                                  (one addmm)
+    Backward, with g = dL/dy (N, out) and G = g^T h (out, r), one rank-r GEMM over the tokens:
+        dL/dbase       = g                                           (passed through, no copy)
+        dL/dh          = g R                                         (N, r)
+        dL/dlambda_b[o] = sum_k G[o, k] B_s[o, k] lambda_d[k]        = ((G * B_s) lambda_d)[o]
+        dL/dlambda_d[k] = sum_o G[o, k] B_s[o, k] lambda_b[o]        = ((G * B_s)^T lambda_b)[k]
+    (both from sum_n g[n, o] * (lambda_d * h[n]) B_s^T[o] rearranged: no (N x out) product is ever formed).
+    Saved: h and references to B_s and the lambdas.
+    """
+
+    @staticmethod
+    def forward(ctx, base, h, vera_B_s, lambda_d, lambda_b):
+        ctx.save_for_backward(h, vera_B_s, lambda_d, lambda_b)
+        return torch.addmm(base, h, _fold(vera_B_s, lambda_d, lambda_b, h.dtype).t())
+
+    @staticmethod
+    def backward(ctx, g):
+        h, vera_B_s, lambda_d, lambda_b = ctx.saved_tensors
+        need_base, need_h, _, need_ld, need_lb = ctx.needs_input_grad
+        grad_h = grad_ld = grad_lb = None
+        if need_h:
+            grad_h = torch.mm(g, _fold(vera_B_s, lambda_d, lambda_b, g.dtype))
+        if need_ld or need_lb:
+            GB = torch.mm(g.t(), h).float().mul_(vera_B_s)  # (out, r); .float() of a float32 G is G itself (ours)
+            grad_lb = torch.mv(GB, lambda_d) if need_lb else None
+            grad_ld = torch.mv(GB.t(), lambda_b) if need_ld else None
+        return g if need_base else None, grad_h, None, grad_ld, grad_lb
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def vera_linear_torch(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    base_out: Optional[torch.Tensor],
-    vera_A_s: torch.Tensor,
-    vera_B_s: torch.Tensor,
-    lambda_d: torch.Tensor,
-    lambda_b: torch.Tensor,
-    *,
-    dropout_p: float,
-    seed: Optional[torch.Tensor],
-    fan_in_fan_out: bool,
-) -> torch.Tensor:
-    return VeraLinearFunction.apply(
-        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out
-    )
+def _fold(vera_B_s: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """R = diag(lambda_b) B_s diag(lambda_d) (out, r): float32 products, one rounding to ``dtype``."""
+    return _as(torch.outer(lambda_b, lambda_d).mul_(vera_B_s), dtype)
+
+
+def _apply(fn):
+    """``fn.apply`` without torch.autograd.Function.apply's Python wrapper (argument binding for setup_context and
+    functorch's dead-wrapper unwrapping: ~25 us a call on the development machine, against ~10 us for the C-level
+    apply). The wrapper is kept where it does something: under functorch transforms and while torch.compile traces
+    (dynamo recognises Function.apply)."""
+    c_apply = super(torch.autograd.Function, fn).apply
+    py_apply = fn.apply
+    transforms_active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        if torch.compiler.is_compiling() or transforms_active():
+            return py_apply(*args)
+        return c_apply(*args)
+
+    return apply
+
+
+apply_down = _apply(VeraDownFunction)
+apply_up = _apply(VeraUpFunction)
+
+
+# ============================================================================================ public
+FLAT = True  # this backend's nodes take (N, features) tensors; the layer flattens leading dimensions once
+SEEDED = True  # dropout masks regenerated from a seed drawn on the input device
+SHARES_H = True  # sibling layers may share h (vera_kernels.sharing)
+
+
+def down(x: torch.Tensor, vera_A_s: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """h = dropout(x) A_s^T for x (N, in) and A_s (r, in) (cast to x's dtype if it is not in it).
+
+    Without dropout and with A_s already in x's dtype (the layer's cached cast) this is aten's mm, whose C++
+    autograd node keeps a view of A_s and nothing else: no Python frame in forward or backward. Otherwise the
+    VeraDownFunction node, which keeps the given A_s (never a per-call cast) and regenerates the mask."""
+    if dropout_p == 0.0 and vera_A_s.dtype == x.dtype:
+        return torch.mm(x, vera_A_s.t())
+    return apply_down(x, vera_A_s, seed, dropout_p)
+
+
+def up(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor,
+       fused_base=None) -> torch.Tensor:
+    """base + h R^T for base (N, out), h (N, r) in the compute dtype, B_s (out, r) and the lambdas float32."""
+    if fused_base is not None:
+        raise ValueError("vera_kernels: the torch backend has no fused base GEMM")
+    return apply_up(base, h, vera_B_s, lambda_d, lambda_b)

@@ -4,31 +4,32 @@ Reads top to bottom: reference -> @triton.jit kernels -> launchers (check, alloc
 custom ops (torch.library, with fake implementations, so torch.compile sees them) -> autograd.Function -> public
 function. Nothing here queries CUDA at import time; triton itself is imported only when this module is.
 
+The op is two autograd nodes, as in the torch backend (see vera_torch): a down node h = drop(x) A_s^T, one per
+distinct input (sibling layers share it), and an up node y = base + h R^T per layer and adapter.
 Math (x: (N, in), A_s = A[:, :in] (r, in), B_s = B[:out] (out, r), m the dropout keep-mask, s = 1/(1-p)):
     h = (s m * x) A_s^T                        (N, r)  kept for backward, in x's dtype
     y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
 Kernels:
     _vera_down_kernel   C = X W (X (M, K) row tiles, W read as (K, N)), dropout on X fused, optional column scale
                         and partial of sum_m C*H (grad lambda_d) in the epilogue.
-                        forward, with dropout: h = drop(x) A_s^T (without dropout cuBLAS's x A_s^T is faster);
-                        backward: gB = g diag(lambda_b) B_s -> dlambda_d partials, grad_h = gB diag(lambda_d).
+                        down node, with dropout: h = drop(x) A_s^T (without dropout cuBLAS's x A_s^T is faster);
+                        up node backward: gB = g diag(lambda_b) B_s -> dlambda_d partials, grad_h = gB diag(lambda_d).
     _vera_up_kernel     OUT = [ACC_IN +] [XB WB +] [bias +] drop?(H V), K = r small.
-                        forward, fused base only: y = x W^T + b + h R^T (otherwise cuBLAS adds h R^T, faster);
-                        backward: grad_x = g W (+) masked (grad_h A_s), in each base arrangement (base_gemm_mode).
-    _scale_projection_kernel  R = diag(lambda_b) B_s [diag(lambda_d)] as one small (out, r) operand (forward's h R^T,
-                        backward's down kernel), and in backward, from the same reads of B_s,
-                        dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k] with g^T h (out, r) from one cuBLAS
-                        GEMM, never (N x out). dlambda_d = the column sums of the down kernel's per-tile partials.
-Launches per layer: forward 1 Triton (R) + cuBLAS's x A_s^T, base GEMM and h R^T (with dropout the down kernel
-replaces x A_s^T); backward 3 Triton + 2 cuBLAS (g^T h, g W; with the fused base, g W runs inside the up kernel) +
-the partials' column sum. With dropout, one more small kernel draws the seed on the device
-(vera_kernels.ops.draw_dropout_seed), which the kernels read from there. Each Triton launch costs the host ~15 us of
-Python (bench/host_overhead.py), several times a torch op's, which is what small (host-bound) steps pay for: launches
-are only used where they save GPU time (a fused mask, fused reductions) or hold the fused base GEMM.
-A and B are read as strided views of the shared projections in the compute dtype (the layer passes cached casts; a
-float32 A or B given to the op is cast once per call); lambdas are float32 and applied in epilogues or folded into a
-small operand; every dot accumulates in float32, so tiles go from memory to the tensor cores with no conversion in
-the main loops.
+                        up node, fused base arrangement "triton" only: y = x W^T + b + h R^T;
+                        down node backward, with dropout: grad_x = drop(grad_h A_s) (mask in the epilogue).
+    _scale_projection_kernel  diag(lambda_b) B_s as one small (out, r) operand for the up node's backward, and from
+                        the same reads of B_s dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k], with g^T h
+                        (out, r) from one cuBLAS GEMM, never (N x out). dlambda_d = the column sums of the down
+                        kernel's per-tile partials.
+Launches per layer (no dropout): forward none (aten folds R, cuBLAS runs x A_s^T once per input and h R^T into the
+base output); backward 2 Triton (scale_projection, down) + cuBLAS's g^T h + the partials' column sum, and cuBLAS's
+grad_h A_s once per input. With dropout the down node is the down kernel (forward) and the up kernel (backward), and
+one small kernel draws the seed on the device (vera_kernels.ops.draw_dropout_seed), which the kernels read there.
+A Triton launch costs the host several torch ops (bench/host_overhead.py), which is what small (host-bound) steps
+pay for: launches are only used where they save GPU time (a fused mask, fused reductions) or hold the fused base GEMM.
+A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast); B and
+the lambdas are float32, folded into small operands; every dot accumulates in float32, so tiles go from memory to
+the tensor cores with no conversion in the main loops.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import triton.language as tl
 # ============================================================================================ reference
 # The math the kernels below implement, in plain torch (differentiable; float64 in the tests and gpu-check).
 from .reference import vera_formula  # noqa: E402,F401
-from .vera_torch import with_leading_dims  # noqa: E402
+from .vera_torch import _apply, _as, _fold  # noqa: E402
+from .vera_torch import down as torch_down  # noqa: E402
 
 
 # ============================================================================================ kernels
@@ -459,113 +461,98 @@ def _weight_kn(weight: torch.Tensor, fan_in_fan_out: bool, backward: bool) -> to
     return weight if fan_in_fan_out else weight.t()  # (in, out)
 
 
-def _fwd_impl(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    base_out: Optional[torch.Tensor],
-    vera_A_s: torch.Tensor,
+def _down_fwd_impl(x: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """h = drop(x) A_s^T with the Philox mask applied while the down kernel loads x (never stored). Dropout only:
+    without it cuBLAS's x A_s^T is faster (gpu-check at 2685fc4: 428 TFLOP/s against 163-357 for the kernel)."""
+    return vera_down(x, _as(vera_A_s, x.dtype).t(), seed=seed, p=dropout_p)[0]
+
+
+def _down_bwd_impl(grad_h: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """grad_x = drop(grad_h A_s): the up kernel regenerates the forward's mask in its epilogue."""
+    grad_x = torch.empty((grad_h.shape[0], vera_A_s.shape[1]), device=grad_h.device, dtype=grad_h.dtype)
+    return vera_up(grad_h, _as(vera_A_s, grad_h.dtype), grad_x, seed=seed, p=dropout_p)
+
+
+def _up_fwd_impl(
+    base: Optional[torch.Tensor],
+    h: torch.Tensor,
     vera_B_s: torch.Tensor,
     lambda_d: torch.Tensor,
     lambda_b: torch.Tensor,
-    seed: Optional[torch.Tensor],
-    dropout_p: float,
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     fan_in_fan_out: bool,
     base_gemm: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d); h = drop(x) A_s^T, saved for backward.
-    ``base_gemm``: see base_gemm_mode.
+) -> torch.Tensor:
+    """y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d), or with ``x``/``weight`` given (the fused base
+    arrangements, see base_gemm_mode) y = x W^T + b + h R^T.
 
-    R is folded by one small Triton launch (scale_projection). The two rank-r GEMMs are cuBLAS's: on the H100
-    (bench/results/2026-11-27-H100.md, gpu-check at 2685fc4) cuBLAS ran x A_s^T at 428 TFLOP/s against 163-357 for
-    the down kernel, and the (N x out) update of y in 0.217 ms against 0.270 for the up kernel (4096->11008, 8192
-    tokens). With dropout, h comes from the down kernel, which applies the Philox mask while it loads x (the mask is
-    never stored). The fused-base arrangement keeps the up kernel: its accumulator holds x W^T too."""
-    cd = x.dtype
-    lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    A_kn = vera_A_s.to(cd).t()  # (in, r) view; the layer passes a cached cast
-    h = vera_down(x, A_kn, seed=seed, p=dropout_p)[0] if dropout_p > 0 else torch.mm(x, A_kn)
-    R_kn = scale_projection(vera_B_s, lambda_b, cd, fold_d=lambda_d)[0].t()  # (r, out)
-    if weight is None:
-        return torch.addmm(base_out, h, R_kn), h
+    R is folded by aten (two small ops on (out, r), cheaper on the host than a Triton launch and as fast on the GPU at
+    these sizes); the rank-r GEMM is cuBLAS's, measured faster than the up kernel on the H100 (0.217 against 0.270 ms
+    at 4096->11008, 8192 tokens). The fused arrangement "triton" keeps the up kernel: its accumulator holds x W^T."""
+    cd = h.dtype
+    R_kn = _fold(vera_B_s, lambda_d, lambda_b, cd).t()  # (r, out)
+    if x is None:
+        return torch.addmm(base, h, R_kn)
     w_kn = _weight_kn(weight, fan_in_fan_out, False)
     if base_gemm == "triton":
         y = torch.empty((x.shape[0], R_kn.shape[1]), device=x.device, dtype=cd)
-        vera_up(h, R_kn, y, xb=x, wb_kn=w_kn, bias=bias)
-    elif base_gemm == "cublas-accumulate":
-        y = torch.addmm(bias, h, R_kn) if bias is not None else torch.mm(h, R_kn)
-        y.addmm_(x, w_kn)
-    else:
-        y = torch.addmm(bias, x, w_kn) if bias is not None else torch.mm(x, w_kn)
-        y.addmm_(h, R_kn)
-    return y, h
+        return vera_up(h, R_kn, y, xb=x, wb_kn=w_kn, bias=bias)
+    y = torch.addmm(bias, h, R_kn) if bias is not None else torch.mm(h, R_kn)  # "cublas-accumulate"
+    return y.addmm_(x, w_kn)
 
 
-def _bwd_impl(
+def _up_bwd_impl(
     g: torch.Tensor,
-    weight: Optional[torch.Tensor],
     h: torch.Tensor,
-    vera_A_s: torch.Tensor,
     vera_B_s: torch.Tensor,
     lambda_d: torch.Tensor,
     lambda_b: torch.Tensor,
-    seed: Optional[torch.Tensor],
-    dropout_p: float,
-    fan_in_fan_out: bool,
-    need_x: bool,
     need_lambdas: bool,
-    base_gemm: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, dlambda_d, dlambda_b): grad_x in g's dtype, including the base's g W when ``weight`` is given; the
-    lambda gradients in float32. Empty tensors for what is not asked for.
+    """(grad_h, dlambda_d, dlambda_b): grad_h in g's dtype, the lambda gradients in float32 (empty when not asked).
 
-    Three Triton launches (two when x needs no gradient) besides cuBLAS's g^T h and g W: scale_projection
-    writes diag(lambda_b) B_s and finishes dlambda_b from g^T h in the same pass over B_s; the down kernel gives
-    grad_h and per-tile partials of dlambda_d (summed here, in a fixed order); the up kernel adds grad_h A_s."""
+    Two Triton launches besides cuBLAS's G = g^T h: scale_projection writes diag(lambda_b) B_s and finishes
+    dlambda_b from G in the same pass over B_s; the down kernel gives grad_h = g (lambda_b B_s) diag(lambda_d) and
+    per-tile partials of dlambda_d = sum_n (g lambda_b B_s) * h, summed here in a fixed order (deterministic)."""
     cd = g.dtype
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
     G = (g.t() @ h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, instead of (N x out) products
     Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
-    # gB = g diag(lambda_b) B_s; grad_h = gB diag(lambda_d); per-tile partials of dlambda_d = sum_m gB * h
     grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
     if need_lambdas:
-        dld = part_ld.sum(0)
-    else:  # two tensors: a custom op's outputs may not alias each other
-        dld, dlb = g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
-    if not need_x:
-        return g.new_empty((0,)), dld, dlb
-    A_kn = vera_A_s.to(cd)  # (r, in)
-    grad_x = torch.empty((g.shape[0], A_kn.shape[1]), device=g.device, dtype=cd)
-    if weight is None:
-        vera_up(grad_h, A_kn, grad_x, seed=seed, p=dropout_p)
-    elif base_gemm == "triton" and dropout_p == 0.0:  # the mask applies to the rank-r part only: no fusing with it
-        vera_up(grad_h, A_kn, grad_x, xb=g, wb_kn=_weight_kn(weight, fan_in_fan_out, True))
-    elif base_gemm == "cublas-accumulate":
-        vera_up(grad_h, A_kn, grad_x, seed=seed, p=dropout_p)
-        grad_x.addmm_(g, _weight_kn(weight, fan_in_fan_out, True))
-    else:
-        torch.mm(g, _weight_kn(weight, fan_in_fan_out, True), out=grad_x)
-        vera_up(grad_h, A_kn, grad_x, acc_in=grad_x, seed=seed, p=dropout_p)
-    return grad_x, dld, dlb
+        return grad_h, part_ld.sum(0), dlb
+    return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)  # no aliasing
 
 
-# torch.compile sees the two ops (with their fake implementations); eager calls skip the dispatcher's overhead.
-triton_vera_fwd = torch.library.custom_op("vera_kernels::triton_vera_fwd", mutates_args=())(_fwd_impl)
-triton_vera_bwd = torch.library.custom_op("vera_kernels::triton_vera_bwd", mutates_args=())(_bwd_impl)
+# torch.compile sees these ops (with their fake implementations); eager calls skip the dispatcher's overhead.
+triton_vera_down_fwd = torch.library.custom_op("vera_kernels::triton_vera_down_fwd", mutates_args=())(_down_fwd_impl)
+triton_vera_down_bwd = torch.library.custom_op("vera_kernels::triton_vera_down_bwd", mutates_args=())(_down_bwd_impl)
+triton_vera_up_fwd = torch.library.custom_op("vera_kernels::triton_vera_up_fwd", mutates_args=())(_up_fwd_impl)
+triton_vera_up_bwd = torch.library.custom_op("vera_kernels::triton_vera_up_bwd", mutates_args=())(_up_bwd_impl)
 
 
-@triton_vera_fwd.register_fake
-def _(x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, base_gemm):
-    y = x.new_empty((x.shape[0], vera_B_s.shape[0])) if base_out is None else torch.empty_like(base_out)
-    return y, x.new_empty((x.shape[0], vera_A_s.shape[0]))
+@triton_vera_down_fwd.register_fake
+def _(x, vera_A_s, seed, dropout_p):
+    return x.new_empty((x.shape[0], vera_A_s.shape[0]))
 
 
-@triton_vera_bwd.register_fake
-def _(g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, dropout_p, fan_in_fan_out, need_x, need_lambdas,
-      base_gemm):
-    grad_x = g.new_empty((g.shape[0], vera_A_s.shape[1])) if need_x else g.new_empty((0,))
-    n_d, n_b = (vera_A_s.shape[0], vera_B_s.shape[0]) if need_lambdas else (0, 0)
-    return grad_x, g.new_empty((n_d,), dtype=torch.float32), g.new_empty((n_b,), dtype=torch.float32)
+@triton_vera_down_bwd.register_fake
+def _(grad_h, vera_A_s, seed, dropout_p):
+    return grad_h.new_empty((grad_h.shape[0], vera_A_s.shape[1]))
+
+
+@triton_vera_up_fwd.register_fake
+def _(base, h, vera_B_s, lambda_d, lambda_b, x, weight, bias, fan_in_fan_out, base_gemm):
+    return h.new_empty((h.shape[0], vera_B_s.shape[0]))
+
+
+@triton_vera_up_bwd.register_fake
+def _(g, h, vera_B_s, lambda_d, lambda_b, need_lambdas):
+    n_d, n_b = (vera_B_s.shape[1], vera_B_s.shape[0]) if need_lambdas else (0, 0)
+    return (g.new_empty(h.shape), g.new_empty((n_d,), dtype=torch.float32),
+            g.new_empty((n_b,), dtype=torch.float32))
 
 
 def _call(op, impl, *args):
@@ -573,85 +560,90 @@ def _call(op, impl, *args):
 
 
 # ============================================================================================ autograd
-class VeraLinearTritonFunction(torch.autograd.Function):
-    r"""Fused VeRA linear. Same derivation as the torch backend's VeraLinearFunction:
+class VeraDownTritonFunction(torch.autograd.Function):
+    r"""h = drop(x) A_s^T with the mask fused into the down kernel's loads (dropout only; without dropout the layer
+    uses the torch backend's cuBLAS down node). Same derivation as vera_torch.VeraDownFunction:
+        dL/dx = s m * (dL/dh A_s)      (the up kernel applies the regenerated mask in its epilogue)
+    Saved: A_s (a view of the model's projections) and the seed (a 0-dim device tensor)."""
 
-        h = drop(x) A_s^T;   y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T
-        gB = g diag(lambda_b) B_s;   dlambda_d = sum_n gB * h;   grad_h = gB diag(lambda_d)
+    @staticmethod
+    def forward(ctx, x, vera_A_s, seed, dropout_p):
+        ctx.save_for_backward(vera_A_s, seed)
+        ctx.dropout_p = dropout_p
+        return _call(triton_vera_down_fwd, _down_fwd_impl, x, vera_A_s, seed, dropout_p)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        vera_A_s, seed = ctx.saved_tensors
+        return _call(triton_vera_down_bwd, _down_bwd_impl, grad_h, vera_A_s, seed, ctx.dropout_p), None, None, None
+
+
+class VeraUpTritonFunction(torch.autograd.Function):
+    r"""y = base + (h diag(lambda_d)) (diag(lambda_b) B_s)^T, or x W^T + b + ... in the fused base arrangements.
+    Same derivation as vera_torch.VeraUpFunction, with the lambda reductions fused:
+        gB = g diag(lambda_b) B_s;   dlambda_d = sum_n gB * h;   dL/dh = gB diag(lambda_d)
         dlambda_b[o] = sum_k B_s[o, k] lambda_d[k] (g^T h)[o, k]     (no (N x out) tensor)
-        dx = s m * (grad_h A_s) + g W_eff;   dW = g^T x (x^T g for Conv1D);   db = sum_n g
-    Saved for backward: h (N x r, x's dtype) and the dropout seed (plus x only when the base weight needs grad).
-    Reductions over tokens are always deterministic: per-tile partials and one GEMM, summed in a fixed order. A
+        fused base only: dL/dx = g W_eff,  dW = g^T x (x^T g for Conv1D),  db = sum_n g
+    Saved: h (N x r, the compute dtype), references to B_s and the lambdas (plus x only when the base weight needs
+    grad). Reductions over tokens are deterministic: per-tile partials and one GEMM, summed in a fixed order. A
     float32-atomics variant would need a zero-fill launch in place of the partials' sum, so there is one path,
     deterministic whatever ``torch.use_deterministic_algorithms`` says.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed,
-                fan_in_fan_out, base_gemm):
-        x_shape = x.shape
-        x = x.reshape(-1, x_shape[-1])  # leading dimensions are flattened here, not by autograd views around us
-        base2 = base_out.reshape(-1, base_out.shape[-1]) if base_out is not None else None
-        y, h = _call(triton_vera_fwd, _fwd_impl, x, weight, bias, base2, vera_A_s, vera_B_s, lambda_d, lambda_b,
-                     seed, dropout_p, fan_in_fan_out, base_gemm)
-        needs_w = weight is not None and ctx.needs_input_grad[1]
-        ctx.save_for_backward(h, x if needs_w else None, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed)
-        ctx.dropout_p = dropout_p
+    def forward(ctx, base, h, vera_B_s, lambda_d, lambda_b, x, weight, bias, fan_in_fan_out, base_gemm):
+        y = _call(triton_vera_up_fwd, _up_fwd_impl, base, h, vera_B_s, lambda_d, lambda_b, x, weight, bias,
+                  fan_in_fan_out, base_gemm)
+        needs_w = weight is not None and ctx.needs_input_grad[6]
+        ctx.save_for_backward(h, vera_B_s, lambda_d, lambda_b, x if needs_w else None, weight)
         ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.base_gemm = base_gemm
-        ctx.x_shape = x_shape
-        return with_leading_dims(y, x_shape)
+        return y
 
     @staticmethod
-    def backward(ctx, g_nd):
-        h, x, weight, vera_A_s, vera_B_s, lambda_d, lambda_b, seed = ctx.saved_tensors
-        need_x, need_w, need_b, need_base, _, _, need_ld, need_lb = ctx.needs_input_grad[:8]
-        g = g_nd.reshape(-1, g_nd.shape[-1])
-        grad_x, grad_ld, grad_lb = _call(
-            triton_vera_bwd, _bwd_impl, g, weight, h, vera_A_s, vera_B_s, lambda_d, lambda_b, seed, ctx.dropout_p,
-            ctx.fan_in_fan_out, need_x, need_ld or need_lb, ctx.base_gemm,
-        )
-        grad_w = grad_b = None
+    def backward(ctx, g):
+        h, vera_B_s, lambda_d, lambda_b, x, weight = ctx.saved_tensors
+        need_base, need_h, _, need_ld, need_lb, need_x, need_w, need_b = ctx.needs_input_grad[:8]
+        grad_h, grad_ld, grad_lb = _call(triton_vera_up_bwd, _up_bwd_impl, g, h, vera_B_s, lambda_d, lambda_b,
+                                         need_ld or need_lb)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.mm(g, _weight_kn(weight, ctx.fan_in_fan_out, True))
         if need_w:
             grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
         if need_b:
             grad_b = g.sum(0)
-        return (
-            grad_x.reshape(ctx.x_shape) if need_x else None,
-            grad_w,
-            grad_b,
-            g_nd if need_base else None,
-            None,
-            None,
-            grad_ld.to(lambda_d.dtype) if need_ld else None,
-            grad_lb.to(lambda_b.dtype) if need_lb else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (g if need_base else None, grad_h if need_h else None, None, grad_ld if need_ld else None,
+                grad_lb if need_lb else None, grad_x, grad_w, grad_b, None, None)
+
+
+apply_down_dropout = _apply(VeraDownTritonFunction)
+apply_up = _apply(VeraUpTritonFunction)
 
 
 # ============================================================================================ public
-def vera_linear_triton(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    base_out: Optional[torch.Tensor],
-    vera_A_s: torch.Tensor,
-    vera_B_s: torch.Tensor,
-    lambda_d: torch.Tensor,
-    lambda_b: torch.Tensor,
-    *,
-    dropout_p: float,
-    seed: Optional[torch.Tensor],
-    fan_in_fan_out: bool,
-    base_gemm: Optional[str] = None,
-) -> torch.Tensor:
-    if base_gemm is None:
-        base_gemm = base_gemm_mode()
-    elif base_gemm not in BASE_GEMMS:
-        raise ValueError(f"vera_kernels: base_gemm={base_gemm!r}: choose one of {BASE_GEMMS}")
-    return VeraLinearTritonFunction.apply(
-        x, weight, bias, base_out, vera_A_s, vera_B_s, lambda_d, lambda_b, dropout_p, seed, fan_in_fan_out, base_gemm,
-    )
+FLAT = True  # (N, features) tensors; the layer flattens leading dimensions once
+SEEDED = True  # dropout masks regenerated from a seed drawn on the input device
+SHARES_H = True  # sibling layers may share h (vera_kernels.sharing)
+
+
+def down(x: torch.Tensor, vera_A_s: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """h = dropout(x) A_s^T for x (N, in) and A_s (r, in) (cast to x's dtype if it is not in it; the given tensor is
+    what backward keeps): the fused-mask kernel with dropout, cuBLAS
+    (the torch backend's down node) without."""
+    if dropout_p > 0.0:
+        return apply_down_dropout(x, vera_A_s, _seed_arg(seed, dropout_p, x, x), dropout_p)
+    return torch_down(x, vera_A_s, 0.0, None)
+
+
+def up(base: Optional[torch.Tensor], h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor,
+       lambda_b: torch.Tensor, fused_base=None) -> torch.Tensor:
+    """base + h R^T (base (N, out), h (N, r) in the compute dtype, B_s (out, r) and the lambdas float32); with
+    ``fused_base = (x, weight, bias, fan_in_fan_out, mode)`` and base None, the base GEMM is computed here."""
+    if fused_base is None:
+        return apply_up(base, h, vera_B_s, lambda_d, lambda_b, None, None, None, False, "cublas")
+    x, weight, bias, fan_in_fan_out, mode = fused_base
+    if mode not in ("cublas-accumulate", "triton"):
+        raise ValueError(f"vera_kernels: base_gemm={mode!r} is not a fused arrangement")
+    return apply_up(None, h, vera_B_s, lambda_d, lambda_b, x, weight, bias, fan_in_fan_out, mode)

@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # newer torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test bench gpu-check gpu-carry compile-check triton-check clean
+.PHONY: install test test-fast bench gpu-check gpu-carry compile-check triton-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,15 @@ install: $(STAMP)
 test: install
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider tests
 
+# For development: everything but the tests marked slow (the GPU compile checks of every Triton kernel, under two
+# triton versions). CI runs `make test`.
+test-fast: install
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# BENCH_ARGS: options of `python -m vera_kernels.bench`, e.g. make bench BENCH_ARGS="--quick --plot bench.png"
+BENCH_ARGS ?=
 bench: install
-	$(VPY) -m vera_kernels.bench
+	$(VPY) -m vera_kernels.bench $(BENCH_ARGS)
 
 # On a GPU machine (system python with torch/triton/transformers/peft): every kernel against the reference in
 # bf16/fp16/fp32, then the benchmark table. Under 6 minutes on one H100.

@@ -885,7 +885,7 @@ def main():
               + json.dumps({k: v for k, v in res.items() if k not in ('trace', 'speed')}))
     speed = extra.get("dequant", {}).get("speed")
     if speed:
-        print("\nDequantization vs bitsandbytes (GB/s of output; x bnb = bnb's time / ours):")
+        print("\nDequantization vs bitsandbytes (GB/s of output; ms/bnb = our time / bnb's):")
         print(speed.get("table") or f"  skipped: {speed.get('skipped')}")
 
     # ---- phase B: layer benchmark

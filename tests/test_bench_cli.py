@@ -3,8 +3,11 @@ agree with the raw times of the same output)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -15,6 +18,8 @@ import pytest
 import torch
 
 from vera_kernels.bench import BenchUsageError, format_table, main, run, validate_results
+from vera_kernels.bench.cli import make_plan, parse_args
+from vera_kernels.bench.report import GOALS, add_ratios, goal_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -85,19 +90,33 @@ def test_module_entry_point_bad_value():
     assert "--r" in p.stderr and "error:" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cpu_defaults_are_the_goals_cases_on_one_thread():
+    """`make bench` on a CPU: the case the CPU goals are stated at, on one torch thread (two threads per process on a
+    shared 2-core machine made the ratios swing by tens of percent)."""
+    plan = make_plan(parse_args(["--device", "cpu"]))
+    assert plan["threads"] == 1 and plan["threads_from"] == "default"
+    assert plan["shapes"] == [(2048, 2048), (2048, 5632)] and plan["tokens"] == [1024] and plan["r"] == [256]
+    assert plan["layer_dtypes"] == ["fp32", "bf16"] and plan["model"].name == "tiny"
+    assert "triton" in plan["reasons"] and "TRITON_INTERPRET=1" in plan["reasons"]["triton"]
+    plan = make_plan(parse_args(["--device", "cpu", "--threads", "2"]))
+    assert plan["threads"] == 2 and plan["threads_from"] == "--threads"
+
+
 # ---------------------------------------------------------------------------------------------- a quick run
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     paths = {"json": str(d / "out.json"), "csv": str(d / "out.csv"), "plot": str(d / "out.png")}
-    # one thread: a functional check, robust on a busy shared runner
-    argv = ["--device", "cpu", "--quick", "--threads", "1", "--no-progress",
-            "--json", paths["json"], "--csv", paths["csv"]]
+    # the default thread count: what `make bench` uses
+    argv = ["--device", "cpu", "--quick", "--no-progress", "--json", paths["json"], "--csv", paths["csv"]]
     if HAS_MPL:
         argv += ["--plot", paths["plot"]]
-    results = run(argv, print_table=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results = run(argv, print_table=False)
     with open(paths["json"]) as fh:
         loaded = json.load(fh)
+    paths["stderr"] = err.getvalue()
     return results, loaded, paths
 
 
@@ -204,15 +223,158 @@ def test_training_loss_matches_peft(quick):
         assert tr["max_rel_diff_vs_peft"][n] < 1e-4, (n, tr["max_rel_diff_vs_peft"][n])
 
 
-def test_csv_and_plot_written(quick):
+def test_csv_has_every_row_of_the_json_dequant_included(quick):
     _, res, paths = quick
-    with open(paths["csv"]) as fh:
-        lines = fh.read().strip().splitlines()
-    assert lines[0].startswith("case,kind,impl,dtype,tokens,r")
-    assert len(lines) == 1 + len(res["results"])
-    if HAS_MPL:
-        with open(paths["plot"], "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(paths["csv"], newline="") as fh:
+        lines = list(csv.DictReader(fh))
+    assert list(lines[0])[:6] == ["case", "kind", "impl", "dtype", "tokens", "r"]
+    dq = res["dequant"] or []
+    assert len(lines) == len(res["results"]) + len(dq)
+    for line, row in zip(lines, res["results"]):
+        assert (line["case"], line["impl"], line["dtype"]) == (row["case"], row["impl"], row["dtype"])
+        if row["available"] and row["kind"] != "train":
+            assert float(line["fwdbwd_ms"]) == row["fwdbwd_ms"]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert dq, res.get("dequant_skipped")
+    got = [x for x in lines if x["kind"] == "dequant"]
+    assert len(got) == len(dq)
+    bnb = {(d["format"], d["out_dtype"]): d["median_ms"] for d in dq if d["impl"] == "bitsandbytes"}
+    for line, d in zip(got, dq):
+        assert (line["case"], line["impl"], line["dtype"]) == (f"dequant {d['format']}", d["impl"], d["out_dtype"])
+        assert float(line["median_ms"]) == d["median_ms"] and float(line["gbps"]) == d["gbps"] > 0
+        assert line["bitexact_vs_bnb"] == "True"
+        # ours / theirs, as every other ratio
+        assert math.isclose(float(line["ratio_vs_bnb.median_ms"]), d["median_ms"] / bnb[(d["format"], d["out_dtype"])],
+                            rel_tol=1e-9)
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="the plot needs matplotlib")
+def test_plot_of_a_default_shaped_run_shows_every_measured_ratio(quick):
+    """One token count and one r, as a default run: the plot has a bar for every ratio measured, ours / PEFT's
+    (no inverted speedups), for the layer cases and the model case, time, saved activations and peak memory."""
+    import matplotlib.pyplot as plt
+
+    from vera_kernels.bench.report import make_figure
+
+    _, res, paths = quick
+    with open(paths["plot"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    fig = make_figure(res)
+    try:
+        axes = fig.axes
+        assert len(axes) == 6  # time, saved, peak (rows) x layer, model (columns)
+        text = " ".join(t.get_text() for ax in axes for t in [ax.title, ax.yaxis.label]) + fig._suptitle.get_text()
+        assert "faster than PEFT" not in text and "ours / PEFT's" in text
+        for col, kind in enumerate(("layer", "model")):
+            for row_i, keys in enumerate((("fwdbwd_ms", "step_ms"), ("saved_bytes",) * 2, ("peak_bytes",) * 2)):
+                key = keys[0] if kind == "layer" else keys[1]
+                heights = sorted(p.get_height() for p in axes[row_i * 2 + col].patches)
+                want = sorted(r["ratio_vs_peft"][key] for r in res["results"] if r["kind"] == kind
+                              and r["available"] and r["impl"] != "peft" and key in r["ratio_vs_peft"])
+                assert want and heights == pytest.approx(want, rel=1e-12), (kind, key)
+        assert any("triton" in t.get_text() and "TRITON_INTERPRET=1" in t.get_text() for t in fig.texts)
+    finally:
+        plt.close(fig)
+
+
+def test_threads_in_the_header(quick):
+    results, _, paths = quick
+    assert results["config"]["threads"] == 1 and results["config"]["threads_from"] == "default"
+    assert "1 torch thread, the CPU default" in paths["stderr"]
+    assert "threads: 1 torch thread (the CPU default" in format_table(results)
+
+
+def test_quick_run_lists_the_goals_and_why_they_were_not_measured(quick):
+    _, res, _ = quick
+    cpu_goals = [g for g in GOALS if g.device == "cpu"]
+    assert len(res["checks"]) == len(cpu_goals)
+    for c in res["checks"]:
+        assert c["case"] is None and c["value"] is None and c["ok"] is None and "--quick" in c["reason"]
+    text = format_table(res)
+    block = text[text.index("goals ("):]
+    assert "issue" not in block
+    for g in cpu_goals:
+        assert g.goal in block and g.where() in block
+    assert "layer fwd+bwd / PEFT <= 0.95x" in block and "2048x2048 and 2048x5632" in block
+    assert "--quick measures smaller cases" in block
+
+
+def _as_case(rows, shape_of, **fields):
+    """Rows of a quick run relabelled as another case (shape names, dtype, tokens, r), ratios recomputed."""
+    out = []
+    for r in copy.deepcopy(rows):
+        if r["kind"] != "layer":
+            continue
+        r["shape"] = shape_of[r["shape"]]
+        r["case"] = "layer " + r["shape"]
+        r.update(fields)
+        out.append(r)
+    add_ratios(out)
+    return out
+
+
+def test_goals_are_checked_as_ours_over_theirs(quick):
+    _, res, _ = quick
+    # the CPU goals' case
+    rows = _as_case(res["results"], {"512x512": "2048x2048", "512x1376": "2048x5632"}, tokens=1024, r=256)
+    checks = goal_checks(rows, "cpu", res["config"])
+    measured = [c for c in checks if c["case"]]
+    assert {c["goal"] for c in measured} == {g.goal for g in GOALS if g.device == "cpu"}
+    assert len(measured) == 8 and not [c for c in checks if c["case"] is None]  # 2 shapes x (fp32, bf16, 2 x saved)
+    torch_rows = {(r["case"], r["dtype"]): r for r in rows if r["impl"] == "torch"}
+    for c in measured:
+        row = torch_rows[(c["case"], c["dtype"])]
+        key = "fwdbwd_ms" if "fwd+bwd" in c["goal"] else "saved_bytes"
+        assert c["value"] == row["ratio_vs_peft"][key] and c["ok"] == (c["value"] <= c["threshold"])
+    assert {c["threshold"] for c in measured if "fwd+bwd" in c["goal"]} == {0.95, 0.75}
+    # the GPU goals' case, the torch rows standing in for triton's
+    rows = [r for r in _as_case(res["results"], {"512x512": "4096x4096", "512x1376": "4096x11008"}, tokens=8192,
+                                r=256) if r["impl"] != "triton"]
+    for r in rows:
+        if r["impl"] == "torch":
+            r["impl"] = "triton"
+    checks = goal_checks(rows, "cuda", res["config"])
+    speed = [c for c in checks if c["goal"].startswith("layer fwd+bwd / PEFT")]
+    assert len(speed) == len([r for r in rows if r["impl"] == "triton" and r["dtype"] == "bf16"]) > 0
+    for c in speed:
+        row = next(r for r in rows if r["impl"] == "triton" and (r["case"], r["dtype"]) == (c["case"], c["dtype"]))
+        assert c["value"] == row["ratio_vs_peft"]["fwdbwd_ms"]  # not its inverse
+        assert c["threshold"] == pytest.approx(1 / 3) and c["ok"] == (c["value"] <= 1 / 3)
+    saved = [c for c in checks if c["metric"] == "saved_bytes"]
+    assert saved and all(c["threshold"] == 8192 * 256 * 2 for c in saved)
+    model = [c for c in checks if c["kind"] == "model"]
+    assert model and all(c["case"] is None and c["reason"] for c in model)  # no model rows in this list
+    text = format_table(dict(res, results=rows, checks=checks, machine=dict(res["machine"], device="cuda")))
+    assert "layer fwd+bwd / frozen base <= 1.20x" in text and "model step / PEFT VeRA <= 0.67x" in text
+
+
+def test_na_reasons_are_shown_whole(quick):
+    _, res, _ = quick
+    text = format_table(res)
+    triton = next(r for r in res["results"] if r["impl"] == "triton")
+    assert "TRITON_INTERPRET=1" in triton["reason"] and f"n/a ({triton['reason']})" in text
+    sim = copy.deepcopy(res)
+    long = ("the triton backend runs on CUDA tensors (got a cpu tensor); on the CPU it runs only through Triton's "
+            "interpreter: set TRITON_INTERPRET=1 before importing triton")
+    for r in sim["results"]:
+        if r["impl"] == "triton":
+            r["reason"] = long
+    assert f"n/a ({long})" in format_table(sim)
+
+
+def test_one_ratio_convention_in_the_tables(quick):
+    _, res, _ = quick
+    text = format_table(res)
+    assert "ours / theirs" in text
+    assert "tok/s vs LoRA" not in text and "step/LoRA" in text
+    model = {r["impl"]: r for r in res["results"] if r["kind"] == "model"}
+    if HAS_PEFT:
+        assert model["torch"]["ratio_vs_peft_lora"]["step_ms"] == model["torch"]["step_ms"] / model["peft-lora"]["step_ms"]
+    if res["dequant"]:
+        assert "ms/bnb" in text and "x bnb" not in text
+        bad = copy.deepcopy(res)
+        bad["dequant"][0]["ratio_vs_bnb"] = 1 / bad["dequant"][0]["ratio_vs_bnb"] + 1
+        assert any("ratio_vs_bnb" in e for e in validate_results(bad))
 
 
 def test_table_shows_machine_ratios_and_na(quick):

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+# minutes on a 2-core CPU (two triton versions, every kernel for two architectures): CI runs them (`make test`),
+# `make test-fast` does not
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "triton_compile_check.py"

@@ -6,8 +6,8 @@ implementation that can run here, alternated in one process:
 - layer-level cases: bias-free linear layers living in ONE module (so VeRA's shared A/B are sized as PEFT would size
   them for those layers), each timed on its own: forward, backward (x requires grad, weight frozen) and a full step
   (+ AdamW on the layer's lambdas). CPU default: 2048x2048 and 2048x5632, 1024 tokens, r=256, fp32 and bf16
-  (issue 2's goals). GPU default: 4096x4096 and 4096x11008, bf16, 8192 tokens at r=256, plus r=64, r=1024 and 512
-  tokens (issue 3's goals);
+  (where the CPU goals are stated). GPU default: 4096x4096 and 4096x11008, bf16, 8192 tokens at r=256, plus r=64,
+  r=1024 and 512 tokens (the GPU goals' cases);
 - a Llama-shaped model (transformers LlamaConfig, random weights, nothing downloaded; ``--model`` tiny on CPU,
   llama-1b / llama-7b-layers on GPU) with every linear layer targeted: training-step time and tokens/s;
 - a short training run (fp32, fixed synthetic data, same seed): our loss curve against PEFT's, step for step;
@@ -19,7 +19,7 @@ case only), and our backends "reference", "torch", "triton" (triton only on CUDA
 One that cannot run is reported as "n/a (reason)".
 
 Measurement: warm-up, then timed rounds in which implementations alternate (A B C, B C A, ...) and inputs rotate
-among 3 tensors; medians with quartiles. CPU: ``time.perf_counter`` (``--threads``, default 2). GPU: CUDA events,
+among 3 tensors; medians with quartiles. CPU: ``time.perf_counter`` (``--threads``, default 1: stable ratios on a shared machine). GPU: CUDA events,
 with a 256 MiB L2 flush before each iteration. Saved bytes: a ``saved_tensors_hooks`` pack hook counts each saved
 storage once (by data_ptr), excluding parameters, buffers and inputs. Peak: on GPU ``max_memory_allocated`` growth
 over one step; on CPU peak RSS growth over one step (heap trimmed, then /proc/self/clear_refs resets VmHWM).
@@ -30,17 +30,20 @@ Python entry points::
     results = run(["--device", "cuda", "--model", "llama-1b", "--quick"])   # prints the table, returns the dict
     print(format_table(results))
 
-Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/2": /1 lacked gpu_fwdbwd_ms/gpu_note)::
+Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/3": /2 had dequant "speedup_vs_bnb"
+(bnb's time / ours) where /3 has "ratio_vs_bnb" (ours / bnb's), checks named by "issue" instead of "goal"/"where" and
+stated as speedups; /1 lacked gpu_fwdbwd_ms/gpu_note)::
 
     {
-      "schema": "vera_kernels.bench/2",
+      "schema": "vera_kernels.bench/3",
       "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
                   "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
                   "timing": str, "loadavg": {"start": [float]|null, "end": [float]|null},
                   "versions": {"torch", "triton", "transformers", "peft", "vera_kernels": str|null}},
       "config": {"argv": [str], "device": str, "dtypes": [str], "model_dtype": str, "r": [int], "tokens": [int],
                  "shapes": ["INxOUT"], "model": str, "model_description": str, "backends": [str], "cases": [str],
-                 "quick": bool, "seed": int, "threads": int, "repeats": {"layer": int, "model": int},
+                 "quick": bool, "seed": int, "threads": int, "threads_from": "default"|"--threads"|"torch",
+                 "repeats": {"layer": int, "model": int},
                  "warmup": {"layer": int, "model": int}, "time_cap_s": float, "train_steps": int,
                  "unavailable": {impl: reason}},
       "results": [{
@@ -66,17 +69,21 @@ Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/2":
       "training_skipped": str|null,
       "dequant": null | [{"device", "format": "nf4"|"nf4-nested"|"fp4"|"int8", "shape": [rows, cols],
                           "out_dtype", "impl": "vera-native"|"bitsandbytes", "median_ms", "gbps" (output bytes / s),
-                          "speedup_vs_bnb" (bitsandbytes' median / this median), "bitexact_vs_bnb": bool,
+                          "ratio_vs_bnb" (this median / bitsandbytes' median), "bitexact_vs_bnb": bool,
                           "repeats"}],
       "dequant_skipped": str|null,
-      "checks": [{"issue", "case", "kind", "impl", "dtype", "tokens", "r", "what", "metric", "value", "op",
-                  "threshold", "goal", "ok": bool|null, "reason", "spread": float|null (the larger relative
+      "checks": [{"goal": str (the goal in words, e.g. "layer fwd+bwd / frozen base <= 1.20x"), "where": str (the
+                  case it is stated at), "case": str|null (the row checked; null: this run did not measure the
+                  goal's case, "reason" says why), "kind", "impl", "dtype", "tokens", "r", "metric" (e.g.
+                  "ratio_vs_base.fwdbwd_ms"), "value": float|null, "op": "<="|null, "threshold": float|null (null:
+                  reported only), "ok": bool|null, "reason": str|null, "spread": float|null (the larger relative
                   half-IQR of the timings a time ratio divides), "noisy": bool (spread > 10%), "note"}],
       "wall_s": float
     }
 
 Every ratio is ``this row's metric / that implementation's metric`` in the same case (same kind, case, dtype,
 tokens, r), both measured in this run: below 1 means less time / fewer bytes (for tokens_per_s, above 1 = faster).
+The table, the goals and the plot show time and byte ratios only, all ours / theirs.
 A ratio is absent when either number is missing or the denominator is 0 (a frozen layer saves nothing).
 """
 

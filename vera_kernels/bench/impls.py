@@ -67,7 +67,8 @@ def unavailable_reason(impl: str, device: torch.device, explicit: bool) -> Optio
         from ..backends import resolve_backend
 
         if impl == "triton" and device.type != "cuda" and not explicit:
-            return "CUDA only (on the CPU only via the slow Triton interpreter: name it in --backends to force)"
+            return ("CUDA only; on the CPU it runs only through Triton's slow interpreter: set TRITON_INTERPRET=1 "
+                    "and name it in --backends (e.g. --backends all)")
         try:
             resolve_backend(impl, device)
         except Exception as exc:

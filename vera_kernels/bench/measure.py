@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
-import os
 import statistics
 import sys
 import threading
@@ -488,4 +487,8 @@ def finite_or_none(x) -> Optional[float]:
 
 
 def default_threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+    """torch's CPU threads when --threads is not given. One: on a shared machine (2 cores, other jobs running),
+    two threads per process oversubscribe the cores and a ratio of two timings swings with whoever else runs (the
+    frozen base measured 1.2-1.75x PEFT's time, which is impossible on a quiet machine); one thread per process leaves
+    the timings of one run comparable with each other (see the README's benchmark section for the spreads)."""
+    return 1

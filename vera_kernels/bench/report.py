@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 RATIO_KEYS = ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms", "tokens_per_s", "saved_bytes", "peak_bytes",
               "gpu_fwdbwd_ms")
@@ -59,68 +60,129 @@ def rel_spread(row: Optional[dict], key: str) -> Optional[float]:
     return (s["q3"] - s["q1"]) / 2 / row[key]
 
 
-def _check(issue, row, what, metric, value, op, threshold, goal_text, spread=None):
-    ok = None
-    if value is not None and threshold is not None:
-        ok = value <= threshold if op == "<=" else value >= threshold
-    noisy = spread is not None and spread > NOISY
-    return {
-        "issue": issue, "case": row["case"], "kind": row["kind"], "impl": row["impl"], "dtype": row["dtype"],
-        "tokens": row["tokens"], "r": row["r"], "what": what, "metric": metric, "value": value, "op": op,
-        "threshold": threshold, "goal": goal_text, "ok": ok,
-        "reason": None if row.get("available") else row.get("reason"),
-        "spread": spread, "noisy": noisy,
-        "note": f"noisy: a timing behind this ratio varies by ±{spread * 100:.0f}%; rerun on a quiet machine"
-        if noisy else "",
-    }
+@dataclass(frozen=True)
+class Goal:
+    """A target this project set itself, checked on every row of the case it is stated at. Every ratio is ours /
+    theirs (time or bytes: below 1 = faster or less), like the tables'. ``limit`` None: reported, not checked."""
+
+    goal: str  # the goal in words: what the report prints
+    device: str  # the device type it is stated for
+    kind: str
+    impl: str
+    dtypes: tuple
+    shapes: Optional[tuple]  # layer shapes "INxOUT" (None: any)
+    tokens: Optional[int]  # None: any
+    r: Optional[int]  # None: any
+    metric: str  # "ratio_vs_peft.fwdbwd_ms" (a ratio field and key) or a row key
+    limit: Union[float, Callable[[dict], float], None]
+    noise: tuple = ()  # (timing key, yardstick impl): the spreads behind a time ratio
+
+    def where(self) -> str:
+        """The stated case in words."""
+        parts = [self.impl, f"{self.kind} " + (" and ".join(self.shapes) if self.shapes else "(any)"),
+                 "/".join(self.dtypes)]
+        if self.tokens:
+            parts.append(f"{self.tokens} tokens")
+        if self.r:
+            parts.append(f"r={self.r}")
+        return ", ".join(parts)
+
+    def matches(self, row: dict) -> bool:
+        return (row["kind"] == self.kind and row["impl"] == self.impl and row["dtype"] in self.dtypes
+                and (self.shapes is None or row["shape"] in self.shapes)
+                and (self.tokens is None or row["tokens"] == self.tokens) and (self.r is None or row["r"] == self.r))
+
+    def value(self, row: dict) -> Optional[float]:
+        field, _, key = self.metric.rpartition(".")
+        return (row.get(field) or {}).get(key) if field else row.get(key)
 
 
-def goal_checks(rows: list[dict], device_type: str) -> list[dict]:
-    """The acceptance goals of issues 2 (CPU, torch backend) and 3 (GPU, triton backend), at their stated cases.
-    Time-ratio checks carry the larger relative spread of the two timings they divide ("noisy" above 10%)."""
+_CPU_LAYERS = ("2048x2048", "2048x5632")
+_GPU_LAYERS = ("4096x4096", "4096x11008")
+GOALS = (
+    # CPU, the memory-lean torch backend against PEFT's VeRA at 1024 tokens, r=256
+    Goal("layer fwd+bwd / PEFT <= 0.95x", "cpu", "layer", "torch", ("fp32",), _CPU_LAYERS, 1024, 256,
+         "ratio_vs_peft.fwdbwd_ms", 0.95, ("fwdbwd_ms", "peft")),
+    Goal("layer fwd+bwd / PEFT <= 0.75x", "cpu", "layer", "torch", ("bf16",), _CPU_LAYERS, 1024, 256,
+         "ratio_vs_peft.fwdbwd_ms", 0.75, ("fwdbwd_ms", "peft")),
+    Goal("layer saved activations / PEFT <= 0.25x", "cpu", "layer", "torch", ("fp32", "bf16"), _CPU_LAYERS, 1024,
+         256, "ratio_vs_peft.saved_bytes", 0.25),
+    # GPU, the triton backend in bf16 (every token count and r of the run)
+    Goal("layer fwd+bwd / frozen base <= 1.20x", "cuda", "layer", "triton", ("bf16",), _GPU_LAYERS, None, None,
+         "ratio_vs_base.fwdbwd_ms", 1.20, ("fwdbwd_ms", "base")),
+    Goal("layer fwd+bwd / PEFT <= 0.33x (3x faster)", "cuda", "layer", "triton", ("bf16",), _GPU_LAYERS, None, None,
+         "ratio_vs_peft.fwdbwd_ms", 1 / 3, ("fwdbwd_ms", "peft")),
+    Goal("layer saved activations <= tokens x r x 2 bytes", "cuda", "layer", "triton", ("bf16",), _GPU_LAYERS, None,
+         None, "saved_bytes", lambda row: row["tokens"] * row["r"] * 2),
+    # GPU, a training step of the whole model (tokens per step equal, so a step-time ratio is 1 / the tokens/s one)
+    Goal("model step / PEFT VeRA <= 0.67x (1.5x its tokens/s)", "cuda", "model", "triton", ("bf16", "fp16", "fp32"),
+         None, None, None, "ratio_vs_peft.step_ms", 1 / 1.5, ("step_ms", "peft")),
+    Goal("model step / PEFT LoRA r=16 <= 1.00x", "cuda", "model", "triton", ("bf16", "fp16", "fp32"), None, None,
+         None, "ratio_vs_peft_lora.step_ms", 1.0, ("step_ms", "peft-lora")),
+    Goal("model peak memory / PEFT VeRA (reported)", "cuda", "model", "triton", ("bf16", "fp16", "fp32"), None, None,
+         None, "ratio_vs_peft.peak_bytes", None),
+    # the host-free view: the same fwd+bwd as GPU time (CUDA-graph replay), for telling a host-bound step (Python and
+    # launch overhead) from a GPU-bound one; informational, the goal is on the eager step
+    Goal("model GPU-only fwd+bwd / PEFT VeRA (CUDA graph, reported)", "cuda", "model", "triton",
+         ("bf16", "fp16", "fp32"), None, None, None, "ratio_vs_peft.gpu_fwdbwd_ms", None),
+)
+
+
+def _not_measured_reason(goal: Goal, config: dict) -> str:
+    """Why this run has no row for ``goal``'s case, as the option that would measure it."""
+    if goal.kind not in config.get("cases", [goal.kind]):
+        return f"no {goal.kind} case in this run (--cases)"
+    if goal.impl not in config.get("backends", [goal.impl]):
+        return f"{goal.impl} is not among --backends"
+    if config.get("quick"):
+        return "--quick measures smaller cases; run without --quick to check it"
+    return "this run's --shapes/--tokens/--r/--dtype do not include that case"
+
+
+def goal_checks(rows: list[dict], device_type: str, config: Optional[dict] = None) -> list[dict]:
+    """One check per goal of ``device_type`` and row of its stated case; a goal whose case this run did not measure
+    gets one check with value None, ok None and the reason. Time-ratio checks carry the larger relative spread of
+    the two timings they divide ("noisy" above 10%)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         groups.setdefault(group_key(row), {})[row["impl"]] = row
-
-    def spread(row, key, *dens):
-        vals = [rel_spread(row, key)] + [rel_spread(groups[group_key(row)].get(d), key) for d in dens]
-        vals = [v for v in vals if v is not None]
-        return max(vals) if vals else None
-
     out = []
-    for row in rows:
-        rp, rb = row.get("ratio_vs_peft", {}), row.get("ratio_vs_base", {})
-        if (device_type == "cpu" and row["kind"] == "layer" and row["impl"] == "torch"
-                and row["shape"] in ("2048x2048", "2048x5632") and row["tokens"] == 1024 and row["r"] == 256
-                and row["dtype"] in ("fp32", "bf16")):
-            lim = 0.95 if row["dtype"] == "fp32" else 0.75
-            out.append(_check("2", row, "fwd+bwd time vs PEFT", "ratio_vs_peft.fwdbwd_ms", rp.get("fwdbwd_ms"),
-                              "<=", lim, f"<= {lim}x", spread(row, "fwdbwd_ms", "peft")))
-            out.append(_check("2", row, "saved activations vs PEFT", "ratio_vs_peft.saved_bytes",
-                              rp.get("saved_bytes"), "<=", 0.25, "<= 0.25x"))
-        if (device_type == "cuda" and row["kind"] == "layer" and row["impl"] == "triton" and row["dtype"] == "bf16"
-                and row["shape"] in ("4096x4096", "4096x11008")):
-            out.append(_check("3", row, "fwd+bwd time vs frozen base", "ratio_vs_base.fwdbwd_ms",
-                              rb.get("fwdbwd_ms"), "<=", 1.20, "<= 1.20x", spread(row, "fwdbwd_ms", "base")))
-            sp = 1 / rp["fwdbwd_ms"] if rp.get("fwdbwd_ms") else None
-            out.append(_check("3", row, "fwd+bwd speedup over PEFT", "1 / ratio_vs_peft.fwdbwd_ms", sp, ">=", 3.0,
-                              ">= 3x", spread(row, "fwdbwd_ms", "peft")))
-            lim = row["tokens"] * row["r"] * 2
-            out.append(_check("3", row, "saved activation bytes", "saved_bytes", row.get("saved_bytes"), "<=",
-                              lim, f"<= tokens*r*2 = {lim}"))
-        if device_type == "cuda" and row["kind"] == "model" and row["impl"] == "triton":
-            out.append(_check("3", row, "training tokens/s vs PEFT VeRA", "ratio_vs_peft.tokens_per_s",
-                              rp.get("tokens_per_s"), ">=", 1.5, ">= 1.5x", spread(row, "step_ms", "peft")))
-            out.append(_check("3", row, "training tokens/s vs PEFT LoRA r=16",
-                              "ratio_vs_peft_lora.tokens_per_s", row.get("ratio_vs_peft_lora", {}).get("tokens_per_s"),
-                              ">=", 1.0, ">= 1.0x (on par)", spread(row, "step_ms", "peft-lora")))
-            out.append(_check("3", row, "peak memory vs PEFT VeRA", "ratio_vs_peft.peak_bytes",
-                              rp.get("peak_bytes"), "<=", None, "reported"))
-            # the host-free view: the same fwd+bwd as GPU time (CUDA-graph replay), for telling a host-bound step
-            # (Python and launch overhead) from a GPU-bound one; informational, the goal is on eager tokens/s
-            g = rp.get("gpu_fwdbwd_ms")
-            out.append(_check("3", row, "GPU-only fwd+bwd speedup over PEFT VeRA (CUDA graph)",
-                              "1 / ratio_vs_peft.gpu_fwdbwd_ms", 1 / g if g else None, ">=", None, "reported"))
+    for goal in GOALS:
+        if goal.device != device_type:
+            continue
+        base = {"goal": goal.goal, "where": goal.where(), "metric": goal.metric,
+                "op": "<=" if goal.limit is not None else None}
+        matched = [row for row in rows if goal.matches(row)]
+        for row in matched:
+            value = goal.value(row)
+            limit = goal.limit(row) if callable(goal.limit) else goal.limit
+            spread = None
+            if goal.noise:
+                key, den = goal.noise
+                vals = [rel_spread(row, key), rel_spread(groups[group_key(row)].get(den), key)]
+                vals = [v for v in vals if v is not None]
+                spread = max(vals) if vals else None
+            noisy = spread is not None and spread > NOISY
+            reason = None
+            if value is None and not row.get("available"):
+                reason = row.get("reason")
+            elif value is None and "gpu_" in goal.metric and row.get("gpu_note"):
+                reason = row["gpu_note"]
+            elif value is None:
+                den = {v: k for k, v in YARDSTICKS.items()}.get(goal.metric.rpartition(".")[0])
+                reason = f"no measured {den} row to divide by in this run" if den else "not measured for this row"
+            out.append(dict(base, case=row["case"], kind=row["kind"], impl=row["impl"], dtype=row["dtype"],
+                            tokens=row["tokens"], r=row["r"], value=value, threshold=limit,
+                            ok=None if value is None or limit is None else value <= limit, reason=reason,
+                            spread=spread, noisy=noisy,
+                            note=f"noisy: a timing behind this ratio varies by ±{spread * 100:.0f}%; rerun on a "
+                                 "quiet machine" if noisy else ""))
+        if not matched:
+            out.append(dict(base, case=None, kind=goal.kind, impl=goal.impl, dtype="/".join(goal.dtypes),
+                            tokens=goal.tokens, r=goal.r, value=None,
+                            threshold=None if callable(goal.limit) else goal.limit, ok=None,
+                            reason="not measured: " + _not_measured_reason(goal, config or {}), spread=None,
+                            noisy=False, note=""))
     return out
 
 
@@ -185,7 +247,15 @@ def machine_line(m: dict) -> str:
         dev = f"CPU {m.get('cpu')} ({m.get('cpu_count')} logical cores; {flags})"
     vs = " | ".join(f"{k} {v[k] if v.get(k) else 'not installed'}" for k in
                     ("torch", "triton", "transformers", "peft", "vera_kernels"))
-    return f"{dev} | {m.get('threads')} torch threads | {vs} | python {m.get('python')}"
+    return f"{dev} | {threads_text(m.get('threads'))} | {vs} | python {m.get('python')}"
+
+
+def threads_text(n) -> str:
+    return f"{n} torch thread" + ("" if n == 1 else "s")
+
+
+RATIO_CONVENTION = ("every ratio is ours / theirs, in the tables, the goals and the plot: time or bytes / the "
+                    "yardstick's, below 1 = faster or less")
 
 
 def format_table(results: dict) -> str:
@@ -203,6 +273,12 @@ def format_table(results: dict) -> str:
     L.append(f"  config:  device {cfg['device']}, dtypes {','.join(cfg['dtypes'])}, r {cfg['r']}, tokens "
              f"{cfg['tokens']}, model {cfg['model']}, cases {','.join(cfg['cases'])}"
              f"{', quick' if cfg.get('quick') else ''}; seed {cfg['seed']}")
+    L.append(f"  threads: {threads_text(cfg.get('threads'))}" + {
+        "default": " (the CPU default: one thread keeps ratios stable when other processes share the cores; "
+                   "--threads N to change)",
+        "--threads": " (--threads)",
+    }.get(cfg.get("threads_from"), " (torch's default)"))
+    L.append(f"  ratios:  {RATIO_CONVENTION}.")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["kind"] in ("layer", "model"):
@@ -223,7 +299,7 @@ def format_table(results: dict) -> str:
                    f"{tname}/PEFT", f"{tname}/base", "saved/PEFT", "peak/PEFT"]
         lora = kind == "model" and any(x["impl"] == "peft-lora" and x["available"] for x in members)
         if lora:
-            headers.append("tok/s vs LoRA")
+            headers.append("step/LoRA")
         gpu = any(x.get("gpu_fwdbwd_ms") for x in members)
         if gpu:
             headers += ["GPU fwd+bwd ms", "GPU/PEFT", "GPU/base"]
@@ -231,7 +307,7 @@ def format_table(results: dict) -> str:
         for x in members:
             name = x["impl"] + (f" r={x['adapter']['r']}" if x["impl"] == "peft-lora" else "")
             if not x["available"]:
-                body.append([name, f"n/a ({_clip(x['reason'], 150)})"])
+                body.append([name, f"n/a ({x['reason']})"])  # whole: a hint's last step is often the one that matters
                 continue
             rp, rb = x["ratio_vs_peft"], x["ratio_vs_base"]
             cells = [name, _f(x["fwd_ms"], 2), _f(x["bwd_ms"], 2),
@@ -240,7 +316,7 @@ def format_table(results: dict) -> str:
                      _f(x["tokens_per_s"], 0), _mib(x["saved_bytes"]), _mib(x["peak_bytes"]),
                      _x(rp.get(tkey)), _x(rb.get(tkey)), _x(rp.get("saved_bytes")), _x(rp.get("peak_bytes"))]
             if lora:
-                cells.append(_x(x.get("ratio_vs_peft_lora", {}).get("tokens_per_s")))
+                cells.append(_x(x.get("ratio_vs_peft_lora", {}).get("step_ms")))
             if gpu:
                 cells += ([_f(x["gpu_fwdbwd_ms"], 3), _x(rp.get("gpu_fwdbwd_ms")), _x(rb.get("gpu_fwdbwd_ms"))]
                           if x.get("gpu_fwdbwd_ms") else [f"n/a ({_clip(x.get('gpu_note') or '', 60)})", "", ""])
@@ -251,7 +327,7 @@ def format_table(results: dict) -> str:
                      f"saved and peak bytes / PEFT's.")
         else:
             L.append("  ratios: step time / PEFT VeRA's and / the frozen base's (forward+backward through the "
-                     "activations, no optimizer)" + ("; tok/s vs LoRA = tokens/s / PEFT LoRA's." if lora else "."))
+                     "activations, no optimizer)" + ("; step/LoRA = step time / PEFT LoRA's." if lora else "."))
     tr = results.get("training")
     if tr:
         L += ["", f"training run: {tr['model']} | fp32 | {tr['steps']} AdamW steps, lr {tr['lr']} | "
@@ -283,30 +359,11 @@ def format_table(results: dict) -> str:
     if results.get("dequant"):
         from .dequant import format_table as dequant_table
 
-        L += ["", "dequantization of bitsandbytes weights (GB/s of output; every case bit-exact vs bitsandbytes "
-                  "unless marked NO):", dequant_table(results["dequant"])]
+        L += ["", "dequantization of bitsandbytes weights (GB/s of output; ms/bnb = time / bitsandbytes' time; every "
+                  "case bit-exact vs bitsandbytes unless marked NO):", dequant_table(results["dequant"])]
     elif results.get("dequant_skipped") and results["dequant_skipped"] != "not requested":
         L += ["", f"dequantization: n/a ({results['dequant_skipped']})"]
-    checks = results.get("checks") or []
-    if checks:
-        L += ["", "goals (acceptance criteria of issues 2 and 3, measured in this run):"]
-        headers = ["issue", "case", "impl", "dtype", "tokens", "r", "what", "measured", "goal", "status"]
-        body = []
-        for c in checks:
-            v = c["value"]
-            if v is None:
-                meas = "n/a" + (f" ({_clip(c['reason'], 40)})" if c.get("reason") else "")
-            elif c["metric"] == "saved_bytes":
-                meas = f"{int(v):,} B"
-            else:
-                meas = _x(v)
-            status = "n/a" if c["ok"] is None and c["threshold"] is not None else (
-                "info" if c["threshold"] is None else ("PASS" if c["ok"] else "MISS"))
-            if c.get("noisy") and c["ok"] is not None:
-                status += f" (noisy ±{c['spread'] * 100:.0f}%)"
-            body.append([c["issue"], c["case"], c["impl"], c["dtype"], str(c["tokens"]), str(c["r"]), c["what"],
-                         meas, c["goal"], status])
-        L += ["  " + s for s in _render(headers, body, "llllrrlrll")]
+    L += format_goals(results.get("checks") or [], m.get("device"))
     timed = [(x, k) for x in rows if x.get("available") for k in ("fwdbwd_ms", "step_ms") if x.get(k)]
     noisy = [(x, k) for x, k in timed if (rel_spread(x, k) or 0) > NOISY]
     if noisy:
@@ -319,81 +376,179 @@ def format_table(results: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def format_goals(checks: list[dict], device_type: Optional[str]) -> list[str]:
+    """The goals block: the checks measured in this run, then the goals this run did not measure and why."""
+    if not checks:
+        return []
+    which = "GPU: the triton backend" if device_type == "cuda" else "CPU: the torch backend"
+    L = ["", f"goals ({which}; the targets this project set itself, checked where this run measured their case):"]
+    measured = [c for c in checks if c.get("case") is not None]
+    missing = [c for c in checks if c.get("case") is None]
+    if measured:
+        headers = ["goal", "case", "impl", "dtype", "tokens", "r", "measured", "status"]
+        body = []
+        for c in measured:
+            v = c["value"]
+            meas = "n/a" if v is None else f"{int(v):,} B" if c["metric"] == "saved_bytes" else _x(v)
+            status = "info" if c["threshold"] is None else "n/a" if c["ok"] is None else (
+                "PASS" if c["ok"] else "MISS")
+            if c.get("noisy") and c["ok"] is not None:
+                status += f" (noisy ±{c['spread'] * 100:.0f}%)"
+            if c["metric"] == "saved_bytes" and c["threshold"] is not None:
+                status += f" (limit {int(c['threshold']):,} B)"
+            body.append([c["goal"], c["case"], c["impl"], c["dtype"], str(c["tokens"]), str(c["r"]), meas, status])
+        L += ["  " + s for s in _render(headers, body, "llllrrrl")]
+        reasons = sorted({(c["impl"], c["reason"]) for c in measured if c["value"] is None and c.get("reason")})
+        for impl, reason in reasons:
+            L.append(f"  n/a: {impl}: {reason}")
+    if missing:
+        L.append("  not measured in this run" + (" (none of the goals' cases was)" if not measured else "") + ":")
+        for c in missing:
+            L.append(f"    {c['goal']}  [{c['where']}]: {c['reason'].removeprefix('not measured: ')}")
+    return L
+
+
 # ---------------------------------------------------------------------------------------------- CSV
 CSV_FIELDS = ["case", "kind", "impl", "dtype", "tokens", "r", "adapter_type", "adapter_r", "shape", "available",
               "reason", "fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms", "step_ms_q1", "step_ms_q3", "fwdbwd_ms_q1",
               "fwdbwd_ms_q3", "tokens_per_s", "saved_bytes", "peak_bytes", "peak_kind", "repeats", "gpu_fwdbwd_ms",
               "gpu_note"]
+# the dequantization rows (kind "dequant", case "dequant <format>", dtype = the output dtype) fill these instead
+DEQUANT_CSV_FIELDS = ["median_ms", "gbps", "bitexact_vs_bnb", "ratio_vs_bnb.median_ms"]
+
+
+def csv_rows(results: dict) -> list[list]:
+    """The CSV as lists of cells, header first: one line per result row, then one per dequantization row."""
+    ratio_cols = [f"{f}.{k}" for f in YARDSTICKS.values() for k in RATIO_KEYS]
+    header = CSV_FIELDS + ratio_cols + DEQUANT_CSV_FIELDS
+    out = [header]
+    for x in results["results"]:
+        sp = x.get("spread", {})
+        flat = dict(x)
+        flat["adapter_type"] = (x.get("adapter") or {}).get("type")
+        flat["adapter_r"] = (x.get("adapter") or {}).get("r")
+        for k in ("step_ms", "fwdbwd_ms"):
+            flat[f"{k}_q1"] = sp.get(k, {}).get("q1")
+            flat[f"{k}_q3"] = sp.get(k, {}).get("q3")
+        for f in YARDSTICKS.values():
+            for k in RATIO_KEYS:
+                flat[f"{f}.{k}"] = (x.get(f) or {}).get(k)
+        out.append([flat.get(k) for k in header])
+    for d in results.get("dequant") or []:
+        flat = dict(d, case=f"dequant {d['format']}", kind="dequant", dtype=d["out_dtype"],
+                    shape="x".join(map(str, d["shape"])), available=True)
+        flat["ratio_vs_bnb.median_ms"] = d["ratio_vs_bnb"]
+        out.append([flat.get(k) for k in header])
+    return [["" if v is None else v for v in line] for line in out]
 
 
 def write_csv(results: dict, path: str) -> None:
-    rows = results["results"]
-    ratio_cols = [f"{f}.{k}" for f in YARDSTICKS.values() for k in RATIO_KEYS]
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_FIELDS + ratio_cols)
-        for x in rows:
-            sp = x.get("spread", {})
-            flat = dict(x)
-            flat["adapter_type"] = (x.get("adapter") or {}).get("type")
-            flat["adapter_r"] = (x.get("adapter") or {}).get("r")
-            for k in ("step_ms", "fwdbwd_ms"):
-                flat[f"{k}_q1"] = sp.get(k, {}).get("q1")
-                flat[f"{k}_q3"] = sp.get(k, {}).get("q3")
-            vals = [flat.get(k) for k in CSV_FIELDS]
-            vals += [(x.get(f) or {}).get(k) for f in YARDSTICKS.values() for k in RATIO_KEYS]
-            w.writerow(["" if v is None else v for v in vals])
+        csv.writer(fh).writerows(csv_rows(results))
 
 
 # ---------------------------------------------------------------------------------------------- plot
-def write_plot(results: dict, path: str) -> None:
-    """PNG: speedup over PEFT (fwd+bwd) and saved-bytes ratio to PEFT, against tokens and against r (layer cases;
-    one line per implementation, layer shape and dtype)."""
+PLOT_COLORS = {"base": "#8c8c8c", "peft-lora": "#9467bd", "reference": "#1f77b4", "torch": "#ff7f0e",
+               "triton": "#2ca02c"}
+# (row title, metric of a layer row, metric of a model row)
+PLOT_METRICS = (("time / PEFT's", "fwdbwd_ms", "step_ms"), ("saved activations / PEFT's", "saved_bytes", "saved_bytes"),
+                ("peak memory / PEFT's", "peak_bytes", "peak_bytes"))
+
+
+def _plot_groups(rows: list[dict], kind: str) -> list[tuple[str, dict]]:
+    """(x label, impl -> row) per measured case of ``kind``, in run order; PEFT itself is the line at 1."""
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        if row["kind"] == kind and row["impl"] != "peft":
+            groups.setdefault(group_key(row), {})[row["impl"]] = row
+    out = []
+    for (_, case, dtype, tokens, r), members in groups.items():
+        name = case.split(" ", 1)[-1]
+        out.append((f"{name}\n{dtype}, {tokens} tok, r={r}", members))
+    return out
+
+
+def make_figure(results: dict):
+    """The plot as a matplotlib Figure: bars of what this run measured, ours / PEFT's VeRA (below 1 = faster or less
+    memory), for every layer case (left) and the model case (right): time, saved activations and peak memory."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    rows = [x for x in results["results"] if x["kind"] == "layer" and x["available"] and x["impl"] not in
-            ("peft", "base") and x["ratio_vs_peft"].get("fwdbwd_ms")]
-    cfg = results["config"]
-    t0 = cfg["tokens"][0] if cfg["tokens"] else None
-    r0 = cfg["r"][0] if cfg["r"] else None
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    m = results["machine"]
-    fig.suptitle(f"vera_kernels vs PEFT VeRA, layer level ({m.get('gpu') or m.get('cpu')})", fontsize=11)
-    series: dict[tuple, list[dict]] = {}
-    for x in rows:
-        series.setdefault((x["impl"], x["shape"], x["dtype"]), []).append(x)
-    for (impl, shape, dtype), xs in sorted(series.items()):
-        label = f"{impl} {shape} {dtype}"
-        by_t = sorted((x for x in xs if x["r"] == r0), key=lambda x: x["tokens"])
-        by_r = sorted((x for x in xs if x["tokens"] == t0), key=lambda x: x["r"])
-        for col, pts, xkey in ((0, by_t, "tokens"), (1, by_r, "r")):
-            if not pts:
+    rows = results["results"]
+    cols = []
+    for kind in ("layer", "model"):
+        groups = _plot_groups(rows, kind)
+        shown = [i for i in PLOT_COLORS if any(members.get(i, {}).get("available") for _, members in groups)]
+        cols.append((kind, groups, shown))
+    widths = [max(1.0, len(groups) * 0.35 * max(1, len(shown))) for _, groups, shown in cols]
+    fig, axes = plt.subplots(len(PLOT_METRICS), 2, figsize=(min(22.0, 4 + 1.2 * sum(widths)), 10.5),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    m, cfg = results["machine"], results["config"]
+    fig.suptitle(f"vera_kernels vs PEFT's VeRA, measured in one run: ours / PEFT's (below 1 = faster or less "
+                 f"memory)\n{m.get('gpu') or m.get('cpu')} | {threads_text(cfg.get('threads'))} | torch "
+                 f"{m.get('versions', {}).get('torch')}", fontsize=10)
+    # an implementation that could not run anywhere in the plot gets no bars, but a line saying why
+    na = {}
+    for row in rows:
+        if row["kind"] in ("layer", "model") and not row["available"] and row["impl"] != "peft" and not any(
+                row["impl"] in shown for _, _, shown in cols):
+            na.setdefault(row["impl"], row["reason"])
+    labelled: set = set()
+    for col, (kind, groups, impls) in enumerate(cols):
+        width = 0.8 / max(1, len(impls))
+        for row_i, (title, layer_key, model_key) in enumerate(PLOT_METRICS):
+            ax = axes[row_i][col]
+            key = layer_key if kind == "layer" else model_key
+            if not groups:
+                ax.text(0.5, 0.5, f"no {kind} case in this run", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
                 continue
-            axes[0][col].plot([p[xkey] for p in pts], [1 / p["ratio_vs_peft"]["fwdbwd_ms"] for p in pts], "o-",
-                              label=label)
-            sv = [(p[xkey], p["ratio_vs_peft"].get("saved_bytes")) for p in pts]
-            sv = [(a, b) for a, b in sv if b is not None]
-            if sv:
-                axes[1][col].plot([a for a, _ in sv], [b for _, b in sv], "o-", label=label)
-    axes[0][0].set_title(f"fwd+bwd speedup over PEFT vs tokens (r={r0})")
-    axes[0][1].set_title(f"fwd+bwd speedup over PEFT vs r ({t0} tokens)")
-    axes[1][0].set_title(f"saved activations / PEFT vs tokens (r={r0})")
-    axes[1][1].set_title(f"saved activations / PEFT vs r ({t0} tokens)")
+            top = 1.0
+            for g, (_, members) in enumerate(groups):
+                for k, impl in enumerate(impls):
+                    x = g + (k - (len(impls) - 1) / 2) * width
+                    row = members.get(impl)
+                    if row is None:
+                        continue
+                    v = row.get("ratio_vs_peft", {}).get(key) if row.get("available") else None
+                    if v is None:
+                        ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90,
+                                transform=ax.get_xaxis_transform())
+                        continue
+                    ax.bar(x, v, width, color=PLOT_COLORS[impl], label=None if impl in labelled else impl)
+                    labelled.add(impl)
+                    ax.text(x, v, _x(v).rstrip("x"), ha="center", va="bottom", fontsize=6)
+                    top = max(top, v)
+            ax.axhline(1.0, color="black", lw=0.8, ls="--")
+            ax.set_ylim(0, top * 1.18)
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([label for label, _ in groups], fontsize=7)
+            ax.grid(True, axis="y", alpha=0.3)
+            what = "fwd+bwd" if kind == "layer" else "training step"
+            ax.set_title(f"{kind}: " + (title.replace("time", f"{what} time") if row_i == 0 else title), fontsize=9)
+            if col == 0:
+                ax.set_ylabel("ours / PEFT's")
+    handles: dict = {}
     for ax in axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    for ax in axes[0]:
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_ylabel("x faster than PEFT")
-    for ax in axes[1]:
-        ax.set_ylabel("bytes / PEFT's")
-    axes[1][0].set_xlabel("tokens")
-    axes[1][1].set_xlabel("r")
-    fig.tight_layout()
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    handles["PEFT VeRA = 1"] = axes[0][0].axhline(1.0, color="black", lw=0.8, ls="--")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, 0.025),
+               ncol=len(handles), fontsize=8)
+    if na:
+        fig.text(0.5, 0.005, "not shown: " + "; ".join(f"{i}: n/a ({reason})" for i, reason in na.items()),
+                 ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def write_plot(results: dict, path: str) -> None:
+    """Write make_figure(results) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(results)
     fig.savefig(path, dpi=110)
     plt.close(fig)

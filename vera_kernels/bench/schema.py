@@ -20,7 +20,7 @@ ROW_KEYS = {
 MACHINE_KEYS = {"device": str, "cpu": str, "cpu_count": (int, type(None)), "threads": int, "gpu": (str, type(None)),
                 "python": str, "timing": str, "versions": dict}
 CONFIG_KEYS = {"device": str, "dtypes": list, "model_dtype": str, "r": list, "tokens": list, "shapes": list,
-               "model": str, "backends": list, "cases": list, "quick": bool, "seed": int, "threads": int,
+               "model": str, "backends": list, "cases": list, "quick": bool, "seed": int, "threads": int, "threads_from": str,
                "repeats": dict, "warmup": dict, "time_cap_s": NUM, "train_steps": int, "unavailable": dict,
                "argv": list}
 
@@ -167,7 +167,7 @@ def validate_results(res: dict) -> list[str]:
             bnb = {}
             for d in dq:
                 if not isinstance(d, dict) or any(k not in d for k in ("format", "shape", "out_dtype", "impl",
-                                                                       "median_ms", "gbps", "speedup_vs_bnb",
+                                                                       "median_ms", "gbps", "ratio_vs_bnb",
                                                                        "bitexact_vs_bnb")):
                     errs.append(f"dequant row {d!r} lacks keys")
                     continue
@@ -176,13 +176,18 @@ def validate_results(res: dict) -> list[str]:
             for d in dq:
                 if isinstance(d, dict) and "median_ms" in d:
                     ref = bnb.get((d["format"], tuple(d["shape"]), d["out_dtype"]))
-                    if ref is None or not _close(d["speedup_vs_bnb"], ref / d["median_ms"], 1e-9):
-                        errs.append(f"dequant {d['format']}/{d['impl']}: speedup_vs_bnb is not bnb's time / this time")
+                    if ref is None or not _close(d["ratio_vs_bnb"], d["median_ms"] / ref, 1e-9):
+                        errs.append(f"dequant {d['format']}/{d['impl']}: ratio_vs_bnb is not this time / bnb's time")
     if not isinstance(res["checks"], list):
         errs.append("checks is not a list")
     else:
         for c in res["checks"]:
-            for k in ("issue", "case", "impl", "what", "value", "goal", "ok"):
-                if k not in c:
-                    errs.append(f"check missing {k!r}")
+            missing = [k for k in ("goal", "where", "case", "impl", "metric", "value", "threshold", "ok", "reason")
+                       if k not in c]
+            if missing:
+                errs.append(f"check missing {missing}")
+            elif c["value"] is None and not c["reason"]:
+                errs.append(f"check {c['goal']!r}: no value and no reason")
+            elif c["ok"] is not None and c["ok"] != (c["value"] <= c["threshold"]):
+                errs.append(f"check {c['goal']!r}: ok does not follow from value and threshold")
     return errs

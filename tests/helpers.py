@@ -61,6 +61,39 @@ def tiny_gpt2(seed: int = 0, random_biases: bool = True, **overrides):
     return model
 
 
+def _seq_cls(config_cls, model_cls, seed: int, overrides: dict, **kw):
+    kw.update(num_labels=3, vocab_size=128, max_position_embeddings=64)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kw)).eval()
+
+
+def tiny_bert_cls(seed: int = 0, **overrides):
+    """A 2-layer BertForSequenceClassification (hidden 32, intermediate 44, 3 labels; head: `classifier`, a Linear)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return _seq_cls(BertConfig, BertForSequenceClassification, seed, overrides, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=44, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0)
+
+
+def tiny_roberta_cls(seed: int = 0, **overrides):
+    """A 2-layer RobertaForSequenceClassification (head: `classifier`, a module holding `dense` and `out_proj`)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return _seq_cls(RobertaConfig, RobertaForSequenceClassification, seed, overrides, hidden_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=44, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, pad_token_id=1)
+
+
+def tiny_llama_cls(seed: int = 0, **overrides):
+    """tiny_llama's sizes as LlamaForSequenceClassification (head: `score`, a Linear without bias)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    return _seq_cls(LlamaConfig, LlamaForSequenceClassification, seed, overrides, hidden_size=40, intermediate_size=52,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+
+
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 # Targets that give layers of different in/out sizes (so A/B slicing matters).
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}

@@ -115,13 +115,13 @@ def test_peft_to_ours(arch, extra, backend, tmp_path):
     perturb_trained_tensors(pm, om, 3)
     pm.save_pretrained(tmp_path)
     fresh = copy.deepcopy(base)
-    quiet(vk.load_adapter, fresh, tmp_path, backend=backend)
+    quiet(vk.load_adapter, fresh, tmp_path, backend=backend, is_trainable=True)
     assert vk.adapter_names(fresh) == ["default"] and vk.active_adapters(fresh) == ["default"]
     assert_tensors_equal(vk.get_vera_state_dict(fresh), {k: v.detach() for k, v in
                                                          get_peft_model_state_dict(pm).items()}, "loaded")
     A, B = peft_projections(pm)
     assert torch.equal(find_projections(fresh).vera_A, A) and torch.equal(find_projections(fresh).vera_B, B)
-    # loaded like get_peft_model: the adapter is trainable, as in the PEFT model that was saved
+    # is_trainable=True: the adapter is trainable, as in the PEFT model that was saved
     assert trainable_names(fresh) == trainable_names(pm)
     ids = token_ids(3)
     out_p = logits(pm, ids)

@@ -21,6 +21,7 @@ from .backends import check_backend_name
 from .layer import ModulesToSave
 from .model import (
     PatchPlan,
+    _adapter_parameters,
     _apply_plan,
     _current_backend,
     get_state,
@@ -147,11 +148,17 @@ def load_adapter(
     directory: str | os.PathLike,
     adapter_name: str = "default",
     backend: Optional[str] = None,
+    is_trainable: bool = False,
 ) -> nn.Module:
     """Load a PEFT VeRA checkpoint (ours or PEFT's). Patches the model if it is not patched yet (the adapter is then
-    active and trainable); otherwise adds the adapter next to the others (not active, as PEFT's load_adapter).
+    active); otherwise adds the adapter next to the others (not active, as PEFT's load_adapter).
+    ``is_trainable`` as in ``PeftModel.from_pretrained`` / ``load_adapter``: False (the default) loads for inference,
+    the adapter frozen (on an unpatched model nothing is trainable) and the model put in eval mode, as PEFT does;
+    True makes the loaded adapter's lambdas and modules_to_save copies trainable, even when it is not active (as
+    PEFT's ``set_requires_grad``), and leaves train/eval as it was.
     ``backend`` defaults to the model's current backend ("auto" for an unpatched model).
     Everything is checked against the model before the model changes."""
+    first = get_state(model) is None or not get_state(model).configs
     if backend is None:
         backend = _current_backend(model) if get_state(model) is not None else "auto"
     check_backend_name(backend)
@@ -171,7 +178,7 @@ def load_adapter(
             "Specified to not load vera_A and vera_B from state dictionary however they are present in state "
             "dictionary! They are rebuilt from projection_prng_key, as PEFT does."
         )
-    plan = plan_patch(model, cfg_dict, adapter_name, projections_override=override)
+    plan = plan_patch(model, cfg_dict, adapter_name, projections_override=override, from_checkpoint=True)
     if not plan.new_projections and not save_projection:
         in_max = max(t.in_features for t in plan.targets)
         out_max = max(t.out_features for t in plan.targets)
@@ -205,4 +212,11 @@ def load_adapter(
     with torch.no_grad():
         for key, (target_name, _) in expected.items():
             named[target_name].copy_(given[key])
+    if not is_trainable:
+        if first:
+            model.requires_grad_(False)
+        model.eval()
+    elif not first:
+        for p in _adapter_parameters(model, adapter_name):
+            p.requires_grad_(True)
     return model

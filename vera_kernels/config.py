@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 BIAS_MODES = ("none", "all", "vera_only")
 
+# PEFT's TaskType values (peft.utils.peft_types.TaskType).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# The heads PEFT's PeftModelFor<Task> classes append to modules_to_save (whatever the model has), so that they are
+# trained and saved with the adapter (peft_model.py, 0.21).
+TASK_HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 # Keys PEFT writes into adapter_config.json besides the VeRA fields; we write them too so PEFT reads our files.
 _PEFT_COMMON_KEYS = {
     "peft_type": "VERA",
-    "task_type": None,
     "base_model_name_or_path": None,
     "revision": None,
     "inference_mode": True,
 }
+# Every other key PeftConfig itself has: known, not VeRA fields, not warned about when read.
+_PEFT_OTHER_KEYS = ("auto_mapping", "peft_version")
 
 
 @dataclass
@@ -38,8 +50,10 @@ class VeraConfig:
     init_weights: bool = True
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
+    task_type: Optional[str] = None
 
     def __post_init__(self) -> None:
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # peft.TaskType -> its string
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -76,6 +90,15 @@ class VeraConfig:
                 raise ValueError("VeraConfig.target_modules is an empty list: no module would be adapted")
         if self.modules_to_save is not None and not all(isinstance(m, str) for m in self.modules_to_save):
             raise ValueError(f"VeraConfig.modules_to_save must be a list of names, got {self.modules_to_save!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(  # PEFT's words
+                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                f"{', '.join(TASK_TYPES)}."
+            )
+
+    def task_heads(self) -> tuple[str, ...]:
+        """The modules_to_save entries PEFT adds for this config's task_type (none for most task types)."""
+        return TASK_HEAD_MODULES.get(self.task_type, ())
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -93,6 +116,14 @@ class VeraConfig:
             if str(peft_type).upper() != "VERA":
                 raise ValueError(f"not a VeRA configuration: peft_type is {peft_type!r}")
             values = {k: config[k] for k in cls.field_names() if k in config}
+            unknown = sorted(set(config) - set(cls.field_names()) - set(_PEFT_COMMON_KEYS) - set(_PEFT_OTHER_KEYS))
+            if unknown:
+                warnings.warn(  # PEFT's words (PeftConfig.from_peft_type)
+                    f"Unexpected keyword arguments {unknown} for class VeraConfig, these are ignored. This probably "
+                    "means that you're loading a configuration file that was saved using a higher version of the "
+                    "library and additional parameters have been introduced since. It is highly recommended to "
+                    "upgrade the PEFT version before continuing (e.g. by running `pip install -U peft`)."
+                )
         else:
             peft_type = getattr(config, "peft_type", None)
             if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "VERA":
@@ -129,4 +160,4 @@ def adapter_name_check(name: Any) -> str:
     return name
 
 
-__all__ = ["VeraConfig", "BIAS_MODES", "adapter_name_check"]
+__all__ = ["VeraConfig", "BIAS_MODES", "TASK_TYPES", "TASK_HEAD_MODULES", "adapter_name_check"]

@@ -283,6 +283,15 @@ class ModulesToSave(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    def check_active(self, names: Iterable[str], path: str = "") -> None:
+        """Raise if more than one of ``names`` has a copy here: which copy should run? (PEFT raises too.)"""
+        mine = [n for n in names if n in self.modules_to_save]
+        if len(mine) > 1:  # PEFT's words, naming the module by its path instead of its repr
+            raise ValueError(
+                f"Only one adapter can be set at a time for modules_to_save module '{path}', got {len(mine)}: {mine} "
+                "all have a copy of it"
+            )
+
     def set_active(self, names: Iterable[str]) -> None:
         names = [n for n in names if n in self.modules_to_save]
         self.active_adapter = names[0] if names else None

@@ -57,9 +57,9 @@ def _require_state(model: nn.Module) -> VeraState:
     return state
 
 
-def _require_adapter(state: VeraState, name: str) -> None:
-    if name not in state.configs:
-        raise ValueError(f"no adapter named {name!r}; this model has {list(state.configs)}")
+def _require_adapter(state: VeraState, name: str, missing: str = "not found.") -> None:
+    if name not in state.configs:  # PEFT's words: "Adapter x not found." (delete_adapter: "does not exist")
+        raise ValueError(f"Adapter {name} {missing} This model has the adapters {list(state.configs)}.")
 
 
 def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeraLinear]]:
@@ -74,15 +74,30 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
+def _adapter_parameters(model: nn.Module, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
+    """Every adapter's (or one adapter's) trainable tensors: lambdas and modules_to_save copies."""
+    params: list[nn.Parameter] = []
+    for _, layer in vera_layers(model):
+        for d in (layer.vera_lambda_b, layer.vera_lambda_d):
+            params += [p for n, p in d.items() if adapter_name in (None, n)]
+    for _, wrapper in _wrappers(model):
+        for n, module in wrapper.modules_to_save.items():
+            if adapter_name in (None, n):
+                params += list(module.parameters())
+    return params
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def _find_modules_to_save(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Module]]:
+def _find_modules_to_save(model: nn.Module, config: VeraConfig, may_match_nothing: Iterable[str] = (),
+                          ) -> list[tuple[str, nn.Module]]:
     """PEFT's rule: a module whose name ends with an entry; nested matches keep the outermost. An entry that
-    matches nothing is an error here (PEFT ignores it silently, leaving the head the user meant to train frozen)."""
+    matches nothing is an error here (PEFT ignores it silently, leaving the head the user meant to train frozen),
+    except those in ``may_match_nothing``: the task heads PEFT adds whatever the model has."""
     if not config.modules_to_save:
         return []
     found: list[tuple[str, nn.Module]] = []
@@ -97,7 +112,8 @@ def _find_modules_to_save(model: nn.Module, config: VeraConfig) -> list[tuple[st
             for m in entries:
                 hit[m] = True
             found.append((name, module))
-    missing = [m for m, ok in hit.items() if not ok]
+    exempt = set(may_match_nothing)
+    missing = [m for m, ok in hit.items() if not ok and m not in exempt]
     if missing:
         raise ValueError(f"modules_to_save entries {missing} match no module of the model")
     return found
@@ -112,21 +128,37 @@ def _inside_vera(model: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- planning
+def _task_heads(state: Optional[VeraState], cfg: VeraConfig) -> tuple[str, ...]:
+    """The heads a new adapter trains for its task: PEFT's model class (PeftModelFor<Task>, chosen by the first
+    adapter's task_type) appends them to every adapter's modules_to_save, added or loaded later ones included."""
+    first = next(iter(state.configs.values()), None) if state is not None else None
+    return (first if first is not None and first.task_type is not None else cfg).task_heads()
+
+
 def plan_patch(
     model: nn.Module,
     config: Any,
     adapter_name: str,
     projections_override: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    from_checkpoint: bool = False,
 ) -> PatchPlan:
-    """Validate a new adapter against the model (and its existing adapters) and say what patching would do."""
+    """Validate a new adapter against the model (and its existing adapters) and say what patching would do.
+
+    ``from_checkpoint``: the config was read from an adapter_config.json, whose modules_to_save entries may match
+    nothing (PEFT writes ["classifier", "score"] for every classification model); the checkpoint's tensors are
+    checked key by key instead, so nothing it trained can be dropped."""
     cfg = VeraConfig.from_any(config)
     cfg.validate()
     adapter_name_check(adapter_name)
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
-        raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name or delete it first")
+        raise ValueError(f"Adapter with name '{adapter_name}' already exists.")  # PEFT's words
+    heads = _task_heads(state, cfg)
+    if heads:  # what PEFT stores and saves: the user's entries, then the heads (PEFT repeats those already there)
+        given = list(cfg.modules_to_save or [])
+        cfg.modules_to_save = given + [h for h in heads if h not in given]
 
-    targets = find_targets(model, cfg, VeraLinear)
+    targets = find_targets(model, cfg, VeraLinear, ModulesToSave)
     for t in targets:  # PEFT forces fan_in_fan_out by layer type, warning when the config disagreed
         if t.kind == "conv1d" and not cfg.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.")
@@ -147,7 +179,8 @@ def plan_patch(
         if any(o.save_projection != cfg.save_projection for o in others):
             raise ValueError(
                 "VeRA projection weights must be saved for all adapters or none, but got multiple different values: "
-                f"{sorted({o.save_projection for o in others} | {cfg.save_projection})}"
+                f"{sorted({o.save_projection for o in others} | {cfg.save_projection})} (save_projection="
+                f"{cfg.save_projection} for this adapter, {others[0].save_projection} for the model's adapters)"
             )
         if cfg.bias != "none" and any(o.bias != "none" for o in others):
             raise ValueError("VeRA supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' "
@@ -160,8 +193,11 @@ def plan_patch(
                 torch.equal(A.cpu(), existing.vera_A.cpu()) and torch.equal(B.cpu(), existing.vera_B.cpu())
             ):
                 raise ValueError(
-                    "incompatible adapters: the checkpoint's vera_A/vera_B differ from the projections this model's "
-                    "adapters already share"
+                    f"incompatible adapters: the checkpoint's vera_A {tuple(A.shape)} / vera_B {tuple(B.shape)} "
+                    "differ from the projections this model's adapters already share, vera_A "
+                    f"{tuple(existing.vera_A.shape)} / vera_B {tuple(existing.vera_B.shape)}"
+                    + (" (same shapes, other values)" if A.shape == existing.vera_A.shape
+                       and B.shape == existing.vera_B.shape else "")
                 )
         projections, new = existing, False
     else:
@@ -183,7 +219,15 @@ def plan_patch(
         if device is not None:
             projections.to(device)
         new = True
-    return PatchPlan(cfg, adapter_name, targets, _find_modules_to_save(model, cfg), projections, new)
+    may_match_nothing = cfg.modules_to_save if from_checkpoint else heads
+    mts = _find_modules_to_save(model, cfg, may_match_nothing or ())
+    if heads and not from_checkpoint and not any(name.endswith(h) for name, _ in mts for h in heads):
+        warnings.warn(
+            f"task_type={cfg.task_type!r} trains the task's head, which PEFT looks for as modules_to_save entries "
+            f"{list(heads)}, but no module of the model is named so: no head is trained or saved. If the model has "
+            "one under another name, add that name to modules_to_save."
+        )
+    return PatchPlan(cfg, adapter_name, targets, mts, projections, new)
 
 
 def _apply_plan(model: nn.Module, plan: PatchPlan, backend: str) -> None:
@@ -282,6 +326,8 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
         _require_adapter(state, n)
+    for path, wrapper in _wrappers(model):
+        wrapper.check_active(names, path)
     if any(layer.merged for _, layer in vera_layers(model)):
         # PEFT's behaviour: a merged model is unmerged before the active adapter changes
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
@@ -294,10 +340,10 @@ def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter. A merged adapter must be unmerged first (its delta would stay in the weights unrecorded)."""
     state = _require_state(model)
-    _require_adapter(state, adapter_name)
+    _require_adapter(state, adapter_name, "does not exist.")
     merged_in = [n for n, layer in vera_layers(model) if adapter_name in layer.merged_adapters]
-    if merged_in:
-        raise ValueError(f"adapter {adapter_name!r} is merged into {len(merged_in)} layer(s); unmerge it first")
+    if merged_in:  # PEFT's words
+        raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
     for _, m in list(vera_layers(model)) + list(_wrappers(model)):
         if adapter_name in getattr(m, "vera_lambda_d", {}) or adapter_name in getattr(m, "modules_to_save", {}):
             m.delete_adapter(adapter_name)
@@ -310,17 +356,29 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
-    """Inside the block the model behaves as its base model (merged adapters are unmerged, as PEFT does)."""
-    _require_state(model)
+    """Inside the block the model behaves as its base model (merged adapters are unmerged, as PEFT does) and, as in
+    PEFT, no adapter parameter (lambdas, modules_to_save copies) is trainable; on exit every flag is as it was."""
+    state = _require_state(model)
+    for name in state.active:
+        bias = state.configs[name].bias
+        if bias != "none":  # PEFT's words
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                          "same output as the base model would without adaption.")
     modules = [m for _, m in list(vera_layers(model)) + list(_wrappers(model))]
     before = [m.disable_adapters for m in modules]
+    params = _adapter_parameters(model)
+    grad_before = [p.requires_grad for p in params]
     try:
         for m in modules:
             m.disable_adapters = True
+        for p in params:
+            p.requires_grad_(False)
         yield model
     finally:
         for m, flag in zip(modules, before):
             m.disable_adapters = flag
+        for p, flag in zip(params, grad_before):
+            p.requires_grad_(flag)
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
@@ -347,6 +405,11 @@ def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, s
     for path, layer, pending in todo:
         if safe_merge or layer.quantized:
             _check_finite_after(path, layer, pending, 1.0, "merged", "nothing was merged")
+    already = list(dict.fromkeys(n for _, layer, _ in todo for n in layer.merged_adapters))
+    if already:  # PEFT's words (PEFT says it once per layer)
+        more = [n for n in names if any(n in pending for _, _, pending in todo)]
+        warnings.warn(f"Already following adapters were merged {','.join(already)}. You are now additionally "
+                      f"merging {','.join(more)}." if more else "All adapters are already merged, nothing to do.")
     for _, layer, _ in todo:
         layer.merge(names)
 
@@ -391,12 +454,30 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
     ``merge=False`` merged adapters are unmerged first, so the base model comes back as it was. Modules in
     modules_to_save become the active adapter's trained copy (PEFT's unload). Parameters get back the
     requires_grad they had before the first patch."""
-    state = _require_state(model)
-    layers = list(vera_layers(model))
+    _require_state(model)
     if merge:
         merge_adapter(model)
-    elif any(layer.merged for _, layer in layers):
+    elif any(layer.merged for _, layer in vera_layers(model)):
         unmerge_adapter(model)
+    return _unload(model)
+
+
+def merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = False,
+                     adapter_names: Optional[list[str]] = None) -> nn.Module:
+    """PEFT's ``merge_and_unload``: merge ``adapter_names`` (default: the active adapters) into the base weights,
+    then put plain modules back, as ``unpatch_model(model, merge=True)`` does. Returns the model (patched in place,
+    so the returned object is the one passed in). ``progressbar`` is accepted for PEFT's signature and shows nothing.
+    """
+    del progressbar
+    _require_state(model)
+    merge_adapter(model, adapter_names=adapter_names, safe_merge=safe_merge)
+    return _unload(model)
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    """Put plain modules back, merges kept as they are. Nothing here can fail."""
+    state = _require_state(model)
+    layers = list(vera_layers(model))
     for path, layer in layers:
         _set_submodule(model, path, layer.base_layer)
         if layer.quantized:  # merged for good: free the pre-merge tensors kept for an exact unmerge
@@ -410,6 +491,28 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
             p.requires_grad_(state.original_requires_grad[name])
     delattr(model, STATE_ATTR)
     return model
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters), counted as PEFT's ``PeftModel.get_nb_trainable_parameters`` does
+    (a bitsandbytes 4-bit weight counts 2 values per stored byte; the shared projections are buffers, not counted)."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = p.numel()
+        if n == 0 and hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3 keeps empty placeholders
+            n = p.ds_numel
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of its storage dtype
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's ``print_trainable_parameters``, same line."""
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -102,6 +102,12 @@ class VeraProjections(nn.Module):
                 f"vera_B has a size of {self.out_max} but {out_features} or greater is required{at}; this probably "
                 "happened because an additional VeRA adapter was added after the first one with incompatible shapes."
             )
+        if r > self.r:  # PEFT's first words for a higher rank; its advice (load in reverse order) does not apply
+            raise ValueError(
+                f"vera_A has a size of {self.r} but {r} or greater is required{at}: r={r} for this adapter, but all "
+                f"VeRA adapters on one model share vera_A/vera_B, made for the first adapter's r={self.r}; they must "
+                "use the same r."
+            )
         if r != self.r:
             raise ValueError(
                 f"r={r} differs from the rank {self.r} of the shared projections vera_A/vera_B{at}: all VeRA adapters "

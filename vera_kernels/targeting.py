@@ -89,8 +89,13 @@ def in_out_features(module: nn.Module, kind: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- matching
-def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | str:
-    """target_modules as given, the per-architecture default when None, or every linear layer for "all-linear"."""
+def resolve_target_modules(model: nn.Module, config: VeraConfig, vera_linear_cls: Optional[type] = None,
+                           wrapper_cls: Optional[type] = None) -> list[str] | str:
+    """target_modules as given, the per-architecture default when None, or every linear layer for "all-linear".
+
+    On a patched model "all-linear" counts an adapted layer (``vera_linear_cls``) as the linear layer it wraps, and
+    nothing inside one or inside a modules_to_save wrapper (``wrapper_cls``) as a layer of the model (PEFT's rule).
+    """
     tm = config.target_modules
     if tm is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -101,16 +106,35 @@ def resolve_target_modules(model: nn.Module, config: VeraConfig) -> list[str] | 
             )
         return DEFAULT_TARGET_MODULES[model_type]
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        return sorted(_all_linear_names(model))
+        return sorted(_all_linear_names(model, config, vera_linear_cls, wrapper_cls))
     return tm
 
 
-def _all_linear_names(model: nn.Module) -> set[str]:
-    names = {n for n, m in model.named_modules() if n and layer_kind(m) is not None}
+# PEFT's SEQ_CLS_HEAD_NAMES, in its order: the attribute "all-linear" leaves out on a classification model
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def _all_linear_names(model: nn.Module, config: VeraConfig, vera_linear_cls: Optional[type],
+                      wrapper_cls: Optional[type]) -> set[str]:
+    """PEFT's _maybe_include_all_linear_layers: every linear layer except the output embeddings (or, on a SEQ_CLS
+    model without them, the classification head)."""
+    adapter_classes = tuple(c for c in (vera_linear_cls, wrapper_cls) if c is not None)
+    names: set[str] = set()
+    inside: list[str] = []
+    for n, m in model.named_modules():
+        if not n or any(n.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, adapter_classes):
+            inside.append(n)
+        if layer_kind(m) is not None or (vera_linear_cls is not None and isinstance(m, vera_linear_cls)):
+            names.add(n)
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
-    if out_emb is not None:
-        names -= {n for n, m in model.named_modules() if m is out_emb}
+    exclude = out_emb
+    if out_emb is None and config.task_type == "SEQ_CLS":
+        exclude = next((getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if getattr(model, h, None) is not None), None)
+    if exclude is not None:
+        names -= {n for n, m in model.named_modules() if m is exclude}
     return names
 
 
@@ -161,20 +185,21 @@ class Target:
     existing: Optional[nn.Module] = None  # the VeraLinear already wrapping it, if any
 
 
-def find_targets(model: nn.Module, config: VeraConfig, vera_linear_cls: type) -> list[Target]:
+def find_targets(model: nn.Module, config: VeraConfig, vera_linear_cls: type, wrapper_cls: type) -> list[Target]:
     """Every module the config targets, in ``named_modules`` order; raises before anything is changed.
 
-    Modules inside a VeraLinear (its base_layer, the shared projections) are never targets themselves: a target
-    name that resolves to a VeraLinear adds the adapter to it.
+    Modules inside a VeraLinear (its base_layer, the shared projections) or inside a modules_to_save wrapper
+    (``wrapper_cls``: the original and the trained copies) are never targets themselves: a target name that resolves
+    to a VeraLinear adds the adapter to it.
     """
-    target_modules = resolve_target_modules(model, config)
+    target_modules = resolve_target_modules(model, config, vera_linear_cls, wrapper_cls)
     inside: list[str] = []
     targets: list[Target] = []
     unsupported: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, vera_linear_cls):
+        if isinstance(module, (vera_linear_cls, wrapper_cls)):
             inside.append(name)
         if not name or not matches_target(name, target_modules, config):
             continue
@@ -195,9 +220,11 @@ def find_targets(model: nn.Module, config: VeraConfig, vera_linear_cls: type) ->
             + (" ..." if len(unsupported) > 8 else "")
         )
     if not targets:
-        raise ValueError(
-            "No layers types compatible with VeRA were found: no module name matches "
-            f"target_modules={target_modules!r}. Please check `target_modules` (and layers_to_transform/"
-            "layers_pattern) against model.named_modules()."
+        where = "".join(f", {k}={getattr(config, k)!r}" for k in ("layers_to_transform", "layers_pattern")
+                        if getattr(config, k) is not None)
+        raise ValueError(  # PEFT's first sentence, then what matched nothing
+            "No layers types compatible with VeRA were found. Please check `peft_config.target_modules`. "
+            f"(target_modules={target_modules!r}{where} matches no linear layer of the model; compare it with "
+            "model.named_modules().)"
         )
     return targets

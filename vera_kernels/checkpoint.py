@@ -111,6 +111,10 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
 def _tensor_at(root: nn.Module, name: str) -> torch.Tensor:
     """The parameter or buffer at a wrapper-free path (wrappers forward attribute access to what they wrap)."""
     obj: Any = root
@@ -211,12 +215,12 @@ def get_vera_state_dict(model: nn.Module, adapter_name: str = "default") -> dict
     root = unwrap_model(model)
     state = _require_state(root)
     _require_adapter(state, adapter_name)
-    with unsharded(model):
-        tensors = {key: _full(_tensor_at(root, name)) for key, name in _saved_names(root, state, adapter_name).items()}
+    with unsharded(model):  # copies taken inside: on leaving, FSDP1 points the parameters back at their shards
+        tensors = {key: _cpu_copy(_full(_tensor_at(root, name)))
+                   for key, name in _saved_names(root, state, adapter_name).items()}
     if state.configs[adapter_name].save_projection:
-        tensors[KEY_A] = state.projections.vera_A
-        tensors[KEY_B] = state.projections.vera_B
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        tensors[KEY_A] = _cpu_copy(state.projections.vera_A)
+        tensors[KEY_B] = _cpu_copy(state.projections.vera_B)
     _check_saved_shapes(root, state, adapter_name, tensors)
     return tensors
 

@@ -90,7 +90,7 @@ def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, is_main_
 
 
 def _from_state_dict(model: nn.Module, state, adapter_name: str, state_dict: dict) -> dict:
-    from .checkpoint import KEY_A, KEY_B, _check_saved_shapes, _full, _saved_names, clean_name
+    from .checkpoint import KEY_A, KEY_B, _check_saved_shapes, _cpu_copy, _full, _saved_names, clean_name
 
     given = {clean_name(k): v for k, v in state_dict.items()}
     names = _saved_names(model, state, adapter_name)
@@ -98,10 +98,9 @@ def _from_state_dict(model: nn.Module, state, adapter_name: str, state_dict: dic
     if missing:
         raise ValueError(f"the state dict given to save_pretrained lacks {len(missing)} of adapter {adapter_name!r}'s "
                          f"tensors, e.g. {missing[:3]}; nothing was written")
-    tensors = {k: _full(given[n]) for k, n in names.items()}
+    tensors = {k: _cpu_copy(_full(given[n])) for k, n in names.items()}
     if state.configs[adapter_name].save_projection:  # buffers: never sharded, the model's own are whole
-        tensors[KEY_A], tensors[KEY_B] = state.projections.vera_A, state.projections.vera_B
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        tensors[KEY_A], tensors[KEY_B] = _cpu_copy(state.projections.vera_A), _cpu_copy(state.projections.vera_B)
     _check_saved_shapes(model, state, adapter_name, tensors)
     return tensors
 

@@ -307,3 +307,34 @@ def test_deepcopy_keeps_hooks():
     vk.unpatch_model(twin)
     assert sum(".vera_projections." in k for k in src.state_dict()) == 2  # the original's hooks are its own
     assert not any(".vera_projections." in k for k in twin.state_dict())
+
+
+def test_restore_adapter_in_place_and_refusals(tmp_path):
+    """restore_adapter (Trainer's resume) copies a checkpoint into the existing adapter without replacing a parameter;
+    a checkpoint of another adapter layout or trained on other projections is refused before anything changes."""
+    from vera_kernels.checkpoint import restore_adapter
+
+    src = patched(key=7)
+    vk.save_adapter(src, tmp_path / "same")
+    dst = patched(seed=2, key=7)
+    ids_before = [id(p) for p in dst.parameters()]
+    restore_adapter(dst, tmp_path / "same")
+    assert [id(p) for p in dst.parameters()] == ids_before
+    assert_tensors_equal(vk.get_vera_state_dict(dst), vk.get_vera_state_dict(src), "restored")
+
+    vk.save_adapter(patched(key=8), tmp_path / "other-key")
+    vk.save_adapter(patched(key=7, r=3), tmp_path / "other-r")
+    for folder, match in (("other-key", "projection_prng_key"), ("other-r", "r: checkpoint 3")):
+        victim = patched(seed=4, key=7)
+        before = snapshot(victim)
+        with pytest.raises(ValueError, match=match):
+            restore_adapter(victim, tmp_path / folder)
+        assert_unchanged(victim, before)
+    # same config, but the model's projections were replaced (loaded from elsewhere): refused
+    victim = patched(seed=4, key=7)
+    with torch.no_grad():
+        victim.model.layers[0].self_attn.q_proj.vera_projections.vera_B.add_(1.0)
+    before = snapshot(victim)
+    with pytest.raises(ValueError, match="other projections"):
+        restore_adapter(victim, tmp_path / "same")
+    assert_unchanged(victim, before)

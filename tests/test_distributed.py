@@ -20,6 +20,9 @@ import distributed_worker as worker
 import vera_kernels as vk
 from helpers import assert_tensors_equal, tiny_llama
 
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
 WORLD = 2
 TIMEOUT_S = 240  # the whole spawn (imports included); each collective also times out after 60 s
 

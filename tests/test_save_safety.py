@@ -19,7 +19,6 @@ import os
 import re
 import warnings
 
-import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict

@@ -237,6 +237,7 @@ def _apply_plan(model: nn.Module, plan: PatchPlan, backend: str) -> None:
     if state is None:
         state = VeraState(original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         setattr(model, STATE_ATTR, state)
+        _attach(model)
     snapshot = None if first else [(p, p.requires_grad) for p in model.parameters()]
     if plan.new_projections:
         # no adapter uses the old projections any more (first patch, or every adapter deleted): all layers,
@@ -286,6 +287,24 @@ def _mark_trainable(model: nn.Module, state: VeraState) -> None:
             for _, layer in vera_layers(model):
                 if getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
+
+
+def _attach(model: nn.Module) -> None:
+    """What a patched model carries besides its modules: the projections in its state_dict, and (for a transformers
+    model) what makes Trainer and ``save_pretrained`` treat it as PEFT's adapter-trained models."""
+    from . import integrations
+    from .projections import register_state_dict_hooks
+
+    register_state_dict_hooks(model)
+    integrations.attach(model)
+
+
+def _detach(model: nn.Module) -> None:
+    from . import integrations
+    from .projections import remove_state_dict_hooks
+
+    remove_state_dict_hooks(model)
+    integrations.detach(model)
 
 
 def _in_wrapper_internals(param_name: str) -> bool:
@@ -489,6 +508,7 @@ def _unload(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():  # module paths are the original ones again
         if name in state.original_requires_grad:
             p.requires_grad_(state.original_requires_grad[name])
+    _detach(model)
     delattr(model, STATE_ATTR)
     return model
 

@@ -157,3 +157,102 @@ class VeraProjections(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in_max={self.in_max}, out_max={self.out_max}, key={self.projection_prng_key}"
+
+
+# ---------------------------------------------------------------------------------------------- the model's state dict
+# A patched model's own state_dict() carries the shared projections once, under the path named_modules() gives the one
+# VeraProjections (its first adapted layer's ``vera_projections``), by PEFT's save_projection rule: save_projection=
+# True -> vera_A and vera_B, which a load restores exactly; False -> the identity they are drawn from,
+# [projection_prng_key, r, in_max, out_max] (int64), which a load checks. Either way a state dict from a model with
+# other projections is refused, never loaded into different logits. The buffers stay non-persistent: as a child of
+# every adapted layer, persistent buffers would be written once per layer. Root-level hooks, registered by patching.
+IDENTITY = "projection_identity"
+_HOOKS_ATTR = "_vera_kernels_state_dict_hooks"
+
+
+def _identity(p: VeraProjections) -> torch.Tensor | None:
+    key = p.projection_prng_key
+    if not -(2**63) <= key < 2**63:  # does not fit int64: such a key is written as the projections themselves
+        return None
+    return torch.tensor([key, p.r, p.in_max, p.out_max], dtype=torch.int64)
+
+
+def _shared(model: nn.Module) -> tuple[str, VeraProjections] | None:
+    from .checkpoint import clean_name
+
+    for name, m in model.named_modules():
+        if isinstance(m, VeraProjections):
+            return clean_name(name), m
+    return None
+
+
+def _entries(p: VeraProjections) -> dict[str, torch.Tensor]:
+    identity = None if p.save_projection else _identity(p)
+    if identity is None:
+        return {"vera_A": p.vera_A.detach(), "vera_B": p.vera_B.detach()}
+    return {IDENTITY: identity}
+
+
+def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    found = _shared(module)
+    if found is not None:
+        path, p = found
+        for leaf, t in _entries(p).items():
+            state_dict[f"{prefix}{path}.{leaf}"] = t
+
+
+def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+    """Take this model's projection entries out of the state dict (they belong to no module's own state), check them
+    against the model's projections and raise before anything is loaded if they differ; vera_A/vera_B of a
+    save_projection=True model are copied in (an exact restore)."""
+    found = _shared(module)
+    if found is None:
+        return
+    path, p = found
+    leaves = ("vera_A", "vera_B", IDENTITY)
+    given: dict[str, list[tuple[str, torch.Tensor]]] = {leaf: [] for leaf in leaves}
+    for k in [k for k in state_dict if k.startswith(prefix) and k.rpartition(".")[0].endswith("vera_projections")]:
+        leaf = k.rpartition(".")[2]
+        if leaf in given:
+            given[leaf].append((k, state_dict.pop(k)))
+    if not any(given.values()):  # reported as torch reports any missing key (an error under strict)
+        missing_keys.extend(f"{prefix}{path}.{leaf}" for leaf in _entries(p))
+        return
+    if p.save_projection and bool(given["vera_A"]) != bool(given["vera_B"]):
+        raise ValueError(f"the state dict holds only one of {path}.vera_A / .vera_B; nothing was loaded")
+    mine = _identity(p)
+    for k, t in given[IDENTITY]:
+        if mine is None or not torch.equal(t.cpu().to(torch.int64), mine):
+            raise ValueError(
+                f"{k}: the state dict's projections {t.tolist()} ([projection_prng_key, r, in_max, out_max]) are not "
+                f"this model's {None if mine is None else mine.tolist()}: it was saved from a model patched with "
+                "another projection_prng_key or other targets; nothing was loaded"
+            )
+    for leaf, own in (("vera_A", p.vera_A), ("vera_B", p.vera_B)):
+        for k, t in given[leaf]:
+            if tuple(t.shape) != tuple(own.shape):
+                raise ValueError(f"{k} has shape {tuple(t.shape)} but this model's {leaf} is {tuple(own.shape)}: "
+                                 "the state dict is of a model patched differently; nothing was loaded")
+            if not p.save_projection and not torch.equal(t.to(own.device, own.dtype), own):
+                raise ValueError(
+                    f"{k} differs from this model's {leaf}, which save_projection=False draws from "
+                    f"projection_prng_key={p.projection_prng_key}: the state dict is of a model with other "
+                    "projections; nothing was loaded"
+                )
+    if p.save_projection:
+        with torch.no_grad():
+            for leaf, own in (("vera_A", p.vera_A), ("vera_B", p.vera_B)):
+                if given[leaf]:
+                    own.copy_(given[leaf][0][1])
+
+
+def register_state_dict_hooks(model: nn.Module) -> None:
+    if _HOOKS_ATTR not in model.__dict__:
+        model.__dict__[_HOOKS_ATTR] = (model.register_state_dict_post_hook(_state_dict_hook),
+                                       model.register_load_state_dict_pre_hook(_load_state_dict_pre_hook))
+
+
+def remove_state_dict_hooks(model: nn.Module) -> None:
+    for handle in model.__dict__.pop(_HOOKS_ATTR, ()):
+        handle.remove()

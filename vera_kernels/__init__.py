@@ -25,6 +25,7 @@ from .model import (
     print_trainable_parameters,
     set_adapter,
     set_backend,
+    set_h_sharing,
     unmerge_adapter,
     unpatch_model,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "print_trainable_parameters",
     "get_nb_trainable_parameters",
     "set_backend",
+    "set_h_sharing",
     "adapter_names",
     "active_adapters",
     "get_adapter_config",

@@ -408,6 +408,21 @@ def set_backend(model: nn.Module, backend: str) -> None:
         layer.backend = backend
 
 
+def set_h_sharing(model: nn.Module, enabled: bool = True, dropout_mask: str = "per-layer") -> None:
+    """Whether sibling layers that read one input tensor share h = x A_s^T (on by default; see
+    vera_kernels.sharing), and, with adapter dropout, whether each layer draws its own mask ("per-layer", PEFT's
+    behaviour: nothing is shared) or the layers reading one input share one mask ("per-input": one h per input
+    again). Results without dropout are the same either way; the reference backend never shares (bit-identity)."""
+    from .sharing import DROPOUT_MASKS
+
+    if dropout_mask not in DROPOUT_MASKS:
+        raise ValueError(f"dropout_mask={dropout_mask!r}: choose one of {DROPOUT_MASKS}")
+    state = _require_state(model)
+    table = state.projections.shared_h
+    table.clear()
+    table.enabled, table.dropout_mask = bool(enabled), dropout_mask
+
+
 def merge_adapter(model: nn.Module, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights. With ``safe_merge`` every merged weight is
     checked for NaN/inf first, and nothing is merged anywhere if one is not finite."""

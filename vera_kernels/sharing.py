@@ -9,13 +9,15 @@ keeps 4 h instead of 7.
 An h is reused only when it is provably the one the layer would compute now:
 - the same input object (a weak reference, so a freed tensor whose id is reused never matches), at the same version
   counter (no in-place change in between), with the same compute dtype, in_features, backend, dropout and A slice;
-- in the same grad mode and inference mode (no h of a no_grad forward in a grad one);
+- in the same grad mode and inference mode (no h of a no_grad forward in a grad one), and never for an inference
+  tensor (it has no version counter);
 - in grad mode, only while its graph is alive: the entry holds h weakly, and the up nodes that use it are what
   keep it (a finished backward frees them, so no forward ever reuses an h whose graph is gone);
 - never while torch.compile traces (the compiler sees the identical GEMMs and merges them itself), under functorch
-  transforms, under saved-tensor hooks (activation checkpointing: the recomputation must save exactly what the
-  forward saved; offloading), inside a backward pass (checkpointing's recomputation), or during CUDA-graph
-  capture (a captured read of an h computed outside the graph would replay stale data).
+  transforms, under saved-tensor hooks other than observers and torch's CPU offloading (activation checkpointing:
+  its recomputation must save exactly what the forward saved), inside a backward pass (checkpointing's
+  recomputation), or during CUDA-graph capture (a captured read of an h computed outside the graph would replay
+  stale data).
 Entries die with their input: nothing is held once the forward's tensors are freed.
 
 With adapter dropout each layer draws its own mask, so nothing is shared (PEFT's behaviour: every layer has its own
@@ -40,11 +42,32 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def observing_hook(pack):
+    """Mark a saved-tensors pack hook as an observer (it returns the tensor itself and nothing re-runs the forward,
+    e.g. a counter of saved bytes), under which h is still shared. Returns ``pack``."""
+    getattr(pack, "__func__", pack)._vera_kernels_observer = True
+    return pack
+
+
+def _hooks_allow_sharing() -> bool:
+    """Saved-tensor hooks are how activation checkpointing works: its recomputation must save exactly what the
+    forward saved, and whether a sibling finds h alive differs between the two passes. So h is shared only under
+    hooks known not to recompute: torch's own offloading (torch.autograd.graph.save_on_cpu) and observers
+    (observing_hook)."""
+    if _saved_hooks is None:
+        return False
+    hooks = _saved_hooks(False)
+    if hooks is None:
+        return True
+    pack = getattr(hooks[0], "__func__", hooks[0])
+    return getattr(pack, "_vera_kernels_observer", False) or getattr(pack, "__module__", None) == "torch.autograd.graph"
+
+
 def sharing_allowed(x: torch.Tensor) -> bool:
     """Whether an h may be reused at this call at all (see the module docstring)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    if _saved_hooks is None or _saved_hooks(False) is not None:
+    if not _hooks_allow_sharing():
         return False
     if _graph_task_id is None or _graph_task_id() != -1:
         return False
@@ -61,8 +84,8 @@ class SharedH:
 
     def slot(self, x: torch.Tensor, key: tuple) -> Optional["HSlot"]:
         """Where this call's h for input ``x`` is looked up and stored, or None when it must not be shared."""
-        if not self.enabled or not sharing_allowed(x):
-            return None
+        if not self.enabled or not sharing_allowed(x) or x.is_inference():
+            return None  # (an inference tensor has no version counter: an in-place change could not be seen)
         return HSlot(self, x, key + (torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
 
     def share_dropout(self) -> bool:

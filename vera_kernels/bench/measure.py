@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..sharing import observing_hook
+
 TIME_KEYS = ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms")
 
 
@@ -165,6 +167,8 @@ class SavedBytesCounter:
         if ptr:
             self.storages[ptr] = nbytes
         return t
+
+    observing_hook(pack)  # an observer: sibling layers still share h while it counts (vera_kernels.sharing)
 
     @staticmethod
     def unpack(t):

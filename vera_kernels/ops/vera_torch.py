@@ -119,8 +119,10 @@ class VeraUpFunction(torch.autograd.Function):
             grad_h = torch.mm(g, _fold(vera_B_s, lambda_d, lambda_b, g.dtype))
         if need_ld or need_lb:
             GB = torch.mm(g.t(), h).float().mul_(vera_B_s)  # (out, r); .float() of a float32 G is G itself (ours)
-            grad_lb = torch.mv(GB, lambda_d) if need_lb else None
-            grad_ld = torch.mv(GB.t(), lambda_b) if need_ld else None
+            # (lambdas in another dtype, e.g. under FSDP2's bf16 MixedPrecisionPolicy: float32 math, the gradient
+            # returned in the lambda's dtype)
+            grad_lb = torch.mv(GB, lambda_d.float()).to(lambda_b.dtype) if need_lb else None
+            grad_ld = torch.mv(GB.t(), lambda_b.float()).to(lambda_d.dtype) if need_ld else None
         return g if need_base else None, grad_h, None, grad_ld, grad_lb
 
 
@@ -129,8 +131,9 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fold(vera_B_s: torch.Tensor, lambda_d: torch.Tensor, lambda_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """R = diag(lambda_b) B_s diag(lambda_d) (out, r): float32 products, one rounding to ``dtype``."""
-    return _as(torch.outer(lambda_b, lambda_d).mul_(vera_B_s), dtype)
+    """R = diag(lambda_b) B_s diag(lambda_d) (out, r): float32 products (whatever the lambdas' dtype), one rounding
+    to ``dtype``."""
+    return _as(torch.outer(lambda_b.float(), lambda_d.float()).mul_(vera_B_s), dtype)
 
 
 def _apply(fn):

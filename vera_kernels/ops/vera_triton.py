@@ -614,8 +614,9 @@ class VeraUpTritonFunction(torch.autograd.Function):
             grad_w = (x.t() @ g) if ctx.fan_in_fan_out else (g.t() @ x)
         if need_b:
             grad_b = g.sum(0)
-        return (g if need_base else None, grad_h if need_h else None, None, grad_ld if need_ld else None,
-                grad_lb if need_lb else None, grad_x, grad_w, grad_b, None, None)
+        return (g if need_base else None, grad_h if need_h else None, None,
+                grad_ld.to(lambda_d.dtype) if need_ld else None, grad_lb.to(lambda_b.dtype) if need_lb else None,
+                grad_x, grad_w, grad_b, None, None)
 
 
 apply_down_dropout = _apply(VeraDownTritonFunction)

@@ -9,9 +9,15 @@ triton_compile_check.py uses) and only the final launcher call replaced by a cou
 launch itself (cuLaunchKernel, a few us on bare metal, more in a VM), for every implementation alike; the table
 counts the launches so that cost can be added (device kernels = non-view, non-allocating aten ops + Triton launches).
 
+``--model tiny-llama`` times a whole training step instead (forward, loss, backward) of a small Llama (2 layers,
+hidden 64, every linear of every block adapted, 2 x 8 tokens) for the frozen base, PEFT's VeRA, PEFT's LoRA r=16
+and our backends, with the device kernels and Triton launches of one step: what a host-bound step of a real model
+pays, sharing of h between sibling layers included.
+
 Only ratios within one run mean anything; implementations are alternated round by round, medians reported.
 
     python bench/host_overhead.py [--tokens 16] [--in-features 64] [--out-features 64] [--r 16] [--repeats 300]
+    python bench/host_overhead.py --model tiny-llama [--r 16] [--repeats 50]
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 IMPLS = ("base", "peft", "reference", "torch", "triton")
+MODEL_IMPLS = ("base", "peft", "peft-lora", "reference", "torch", "triton")
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_to_copy_noop"}
 
 
@@ -104,22 +112,58 @@ def measure(tokens: int, fin: int, fout: int, r: int, repeats: int, impls=IMPLS)
         def step(impl):
             calls[impl](x).backward(gy)
 
-        counts = {}
+        return _alternate(step, impls, repeats, stub)
+
+
+def tiny_llama(r: int):
+    """The model case: a 2-layer Llama (hidden 64, intermediate 160, 4 heads) with random weights, frozen."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=256, max_position_embeddings=64, use_cache=False,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    return model.train()
+
+
+def measure_model(r: int, repeats: int, impls=MODEL_IMPLS, batch: int = 2, seq: int = 8) -> list[dict]:
+    """One row per implementation: median host us of one training step (forward, loss, backward) of the tiny
+    Llama with every linear adapted; the base's backward runs from its embeddings' output (requires grad)."""
+    from vera_kernels.bench import impls as I
+
+    with TritonLaunchStub() as stub:
+        master = tiny_llama(r)
+        models = {impl: I.make_variant(impl, master, LLAMA_TARGETS, r, lora_r=16) for impl in impls}
+        if "base" in models:
+            I.require_grad_from_embeddings(models["base"])
+        ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+        def step(impl):
+            models[impl](input_ids=ids).logits.float().square().mean().backward()
+
+        return _alternate(step, impls, repeats, stub)
+
+
+def _alternate(step, impls, repeats: int, stub) -> list[dict]:
+    """Counts one call's kernels and launches per implementation, then times ``repeats`` alternated rounds."""
+    counts = {}
+    for impl in impls:
+        step(impl)  # compiles (triton) and creates the .grad tensors
+        before = stub.launches
+        with _KernelCounter() as kc:
+            step(impl)
+        counts[impl] = (kc.count, stub.launches - before)
+    times = {impl: [] for impl in impls}
+    for _ in range(max(1, repeats // 10)):
         for impl in impls:
-            step(impl)  # compiles (triton) and creates the .grad tensors
-            before = stub.launches
-            with _KernelCounter() as kc:
-                step(impl)
-            counts[impl] = (kc.count, stub.launches - before)
-        times = {impl: [] for impl in impls}
-        for _ in range(max(1, repeats // 10)):
-            for impl in impls:
-                step(impl)
-        for _ in range(repeats):
-            for impl in impls:  # alternate A, B, C, ... every round
-                t0 = time.perf_counter()
-                step(impl)
-                times[impl].append(time.perf_counter() - t0)
+            step(impl)
+    for _ in range(repeats):
+        for impl in impls:  # alternate A, B, C, ... every round
+            t0 = time.perf_counter()
+            step(impl)
+            times[impl].append(time.perf_counter() - t0)
     base = statistics.median(times["base"]) if "base" in times else None
     peft = statistics.median(times["peft"]) if "peft" in times else None
     rows = []
@@ -137,8 +181,8 @@ def _layer_call(variant, impl):
     return I.inner_module(variant, impl, "l0")
 
 
-def format_table(rows: list[dict], header: str) -> str:
-    out = [header, f"{'impl':<10} {'fwd+bwd us':>10} {'x base':>7} {'x PEFT':>7} {'aten kernels':>12} "
+def format_table(rows: list[dict], header: str, what: str = "fwd+bwd us") -> str:
+    out = [header, f"{'impl':<10} {what:>10} {'x base':>7} {'x PEFT':>7} {'aten kernels':>12} "
                    f"{'triton launches':>15}"]
     for r in rows:
         xb = f"{r['x_base']:.2f}" if r["x_base"] else "-"
@@ -155,7 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-features", type=int, default=64)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=300)
-    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--impls", help=f"comma-separated (default {','.join(IMPLS)}; with --model also peft-lora)")
+    ap.add_argument("--model", choices=["tiny-llama"], help="time a whole training step of this model instead")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -166,13 +211,21 @@ def main(argv=None) -> int:
     # the stubbed launches leave their outputs unwritten; CPU matmuls on whatever bits are there must not hit the
     # (100x slower) denormal path
     torch.set_flush_denormal(True)
+    versions = f"triton {triton.__version__}, torch {torch.__version__}; medians of {args.repeats} alternated rounds"
     with contextlib.redirect_stderr(sys.stdout):
-        rows = measure(args.tokens, args.in_features, args.out_features, args.r, args.repeats,
-                       tuple(args.impls.split(",")))
-    header = (f"host time per adapted-layer call (fwd+bwd, CPU tensors {args.tokens}x{args.in_features}->"
-              f"{args.out_features}, r={args.r}; triton {triton.__version__}, torch {torch.__version__}; "
-              f"medians of {args.repeats} alternated rounds)")
-    print(format_table(rows, header))
+        if args.model:
+            impls = tuple(args.impls.split(",")) if args.impls else MODEL_IMPLS
+            rows = measure_model(args.r, args.repeats, impls)
+            header = (f"host time per training step of a 2-layer Llama (hidden 64, every linear adapted, 2x8 tokens, "
+                      f"r={args.r}; LoRA r=16; {versions})")
+            table = format_table(rows, header, "step us")
+        else:
+            impls = tuple(args.impls.split(",")) if args.impls else IMPLS
+            rows = measure(args.tokens, args.in_features, args.out_features, args.r, args.repeats, impls)
+            header = (f"host time per adapted-layer call (fwd+bwd, CPU tensors {args.tokens}x{args.in_features}->"
+                      f"{args.out_features}, r={args.r}; {versions})")
+            table = format_table(rows, header)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=1))
     return 0

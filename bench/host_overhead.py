@@ -3,11 +3,12 @@
 A training step whose layers are small (llama-1b at batch 1 on an H100, or any 512-token step) is bound by the host:
 Python, dispatch and kernel launches, not GPU time. This measures that side on tiny CPU tensors, where the device
 work costs next to nothing (torch ops run their tiny CPU kernels), for the frozen base, PEFT's VeRA and our backends.
-The triton backend goes through Triton's real launch path (JITFunction.run: argument binding, specialisation, cache
-lookup, launch metadata) with every kernel compiled for sm_90 by a stand-in driver (the one tests/
-triton_compile_check.py uses) and only the final launcher call replaced by a counter. What is left out: the driver's
-launch itself (cuLaunchKernel, a few us on bare metal, more in a VM), for every implementation alike; the table
-counts the launches so that cost can be added (device kernels = non-view, non-allocating aten ops + Triton launches).
+The triton backend launches as it would on a GPU (vera_kernels/ops/triton_launch.py's fast path; Triton's
+JITFunction.run for the first call of each kind, or all of them with VERA_KERNELS_FAST_LAUNCH=0) with every kernel
+compiled for sm_90 by a stand-in driver (the one tests/triton_compile_check.py uses) and only the final launcher call
+replaced by a counter. What is left out: the driver's launch itself (cuLaunchKernel, a few us on bare metal, more in
+a VM), for every implementation alike; the table counts the launches so that cost can be added (device kernels =
+non-view, non-allocating aten ops + Triton launches).
 
 ``--model tiny-llama`` times a whole training step instead (forward, loss, backward) of a small Llama (2 layers,
 hidden 64, every linear of every block adapted, 2 x 8 tokens) for the frozen base, PEFT's VeRA, PEFT's LoRA r=16
@@ -73,7 +74,7 @@ class TritonLaunchStub:
 
         stub = self
 
-        def count(*args, **kwargs):
+        def count(gridX, gridY, gridZ, stream, function, *args):  # a launcher's parameters (triton_launch checks them)
             stub.launches += 1
 
         self._saved = [(CompiledKernel, "run", CompiledKernel.__dict__["run"]),

@@ -42,22 +42,27 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _reexec_with_triton(argv: list) -> None:
-    """``--triton VERSION``: run this script again with triton==VERSION first on the path, installed once (without
-    dependencies) next to the venv, or in $TMPDIR when there is none. Before triton is imported."""
+def _reexec_with_triton(argv: list, script: str = __file__) -> None:
+    """``--triton VERSION``: run ``script`` (this one, or another check) again with triton==VERSION first on the path,
+    installed once (without dependencies) next to the venv, or in $TMPDIR when there is none (an install already next
+    to the running interpreter's venv, as a git worktree sharing the main checkout's venv finds it, is used as is).
+    Before triton is imported."""
     if "--triton" not in argv or os.environ.get("VK_TRITON_CHECK_REEXEC"):
         return
     i = argv.index("--triton")
     version, rest = argv[i + 1], argv[:i] + argv[i + 2:]
     base = ROOT / ".venv" if (ROOT / ".venv").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     target = base / f"triton-{version}"
+    beside = Path(sys.prefix) / f"triton-{version}"
+    if not (target / "triton" / "__init__.py").exists() and (beside / "triton" / "__init__.py").exists():
+        target = beside
     if not (target / "triton" / "__init__.py").exists():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={version}"]
         if subprocess.run(cmd, check=False).returncode:
             sys.exit(f"could not install triton {version} into {target}")
     env = dict(os.environ, VK_TRITON_CHECK_REEXEC="1",
                PYTHONPATH=os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest], env)
+    os.execve(sys.executable, [sys.executable, str(Path(script).resolve()), *rest], env)
 
 
 if __name__ == "__main__":

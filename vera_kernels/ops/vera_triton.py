@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch
+
 
 
 # ============================================================================================ reference
@@ -335,7 +337,7 @@ def vera_down(x, w_kn, *, nscale=None, h=None, seed=None, p=0.0):
     seed_arg = _seed_arg(seed, p, x, out)
     n_ntiles = _cdiv(N, cfg["BLOCK_N"])
     n_fastest = n_mtiles <= GRID_Y_MAX
-    _vera_down_kernel[(n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles)](
+    launch(_vera_down_kernel, (n_ntiles, n_mtiles) if n_fastest else (n_mtiles, n_ntiles),
         x, w_kn, out, nscale if nscale is not None else out, h if h is not None else out,
         part if part is not None else out,
         M, N, K,
@@ -359,7 +361,7 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
     seed_arg = _seed_arg(seed, p, hh, out)
     cfg = _config("up_base" if xb is not None else "up", M, N, K, hh.dtype, hh.device, p > 0)
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
-    _vera_up_kernel[grid](
+    launch(_vera_up_kernel, grid,
         hh, v_kn, out, acc_in if acc_in is not None else out,
         xb if xb is not None else out, wb_kn if wb_kn is not None else out, bias if bias is not None else out,
         M, N, K, KB,
@@ -387,7 +389,7 @@ def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
     dlb = torch.empty((n_out,), device=B_s.device, dtype=torch.float32) if G is not None else None
     if n_out:
         block_o = 64
-        _scale_projection_kernel[(_cdiv(n_out, block_o),)](
+        launch(_scale_projection_kernel, (_cdiv(n_out, block_o),),
             B_s, lambda_b, ld if ld is not None else lambda_b, out, G if G is not None else out,
             dlb if dlb is not None else out, n_out, R, B_s.stride(0), B_s.stride(1),
             G.stride(0) if G is not None else 0, G.stride(1) if G is not None else 0,
@@ -419,8 +421,8 @@ def dropout_keep_mask(seed, shape: tuple[int, int], p: float, device: torch.devi
     if M and N:
         seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
         grid = (_cdiv(M, 64), _cdiv(N, 16))
-        _dropout_mask_kernel[grid](out, M, N, seed_t, float(p), ROW_GROUP_LOG2=_row_group_log2(N),
-                                   BLOCK_M=64, BLOCK_N=16)
+        launch(_dropout_mask_kernel, grid, out, M, N, seed_t, float(p), ROW_GROUP_LOG2=_row_group_log2(N),
+               BLOCK_M=64, BLOCK_N=16)
     return out.bool()
 
 

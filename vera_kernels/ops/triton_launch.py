@@ -1,0 +1,245 @@
+"""A fast path for launching an already compiled Triton kernel: ``launch(kernel, grid, *args, **kwargs)`` does what
+``kernel[grid](*args, **kwargs)`` does, with a fraction of the host time once the kernel was compiled for such a call.
+
+``kernel[grid](...)`` goes through ``JITFunction.run`` on every call: it binds the arguments, specialises each one
+(``native_specialize_impl``), stringifies a cache key, looks the compiled kernel up, checks the kernel's global
+values, builds launch metadata and only then calls the compiled kernel's launcher: tens of us of Python per launch
+on a small host, which a host-bound training step pays for each of its launches (bench/host_overhead.py). Here a
+call computes a key of its own from everything Triton specialises on, finds the compiled kernel Triton chose for
+that key before, and calls its launcher with the arguments ``run`` would pass. Any other call, and the first one for
+a key, goes through ``kernel[grid](...)`` unchanged (compiling if needed); its result is then kept for the key.
+
+Invariants (what makes a hit launch the kernel Triton would launch, with the arguments Triton would pass):
+
+1. The key is at least as fine as Triton's in-memory cache key (``compute_cache_key``: the specialisation of every
+   argument plus the options dict ``run`` builds), so one key of ours never stands for two of Triton's. It holds
+   - the current device (Triton keeps one kernel cache per device);
+   - per positional argument: a tensor's dtype and whether ``data_ptr() % 16 == 0``; an int's width class (int32,
+     int64 or uint64, as Triton types it), whether it equals 1 (Triton bakes a 1 in as a constant) and whether it is
+     divisible by 16; ``float`` (Triton types every Python float fp32 and does not specialise its value); ``bool``
+     and its value (Triton: u1, value not specialised); None;
+   - the keyword arguments (constexprs and launch options: num_warps, num_stages, ...): names, types and values.
+     The types keep ``True`` and ``1`` apart, which are equal in Python but not the same constexpr (Triton's own
+     lookup, a dict keyed by the specialisation tuple, lets whichever it compiled first answer for both: finer here,
+     never coarser). Only kwargs of types whose ``==`` says all that their ``str`` says (bool, int, str, None) are
+     kept (not floats: ``-0.0 == 0.0``);
+   - the debug flags ``run`` folds into the options (``fn.debug``, ``knobs.runtime.debug``).
+   The triton version is fixed for the process and checked at import (invariant 5). A call that would need more in
+   the key is never kept: an argument of another type (tuples, dtypes, numpy scalars, ...), a constexpr passed
+   positionally, a parameter left to its default.
+2. Only a plain ``JITFunction`` takes the fast path, and only while nothing can observe or alter the launch:
+   ``JITFunction.run`` is Triton's (not patched, e.g. by tests/triton_compile_check.py's recorder), the kernel has no
+   pre-run hooks, no launch enter/exit hook is registered (``knobs.runtime.launch_enter_hook`` / ``_exit_hook``:
+   profilers such as proton add theirs there), no instrumentation mode, pipeline-inspection hook or (3.9) fpsan is
+   set. Checked on every call; any of them sends the call through ``kernel[grid](...)``. Under ``TRITON_INTERPRET=1``
+   the kernels are interpreter functions, not ``JITFunction``s (no compiled kernels): always the normal path.
+3. A kernel is kept only when it is a ``CompiledKernel`` whose launcher takes the call ``run`` makes: parameters
+   ``gridX, gridY, gridZ, stream, function`` then ``*args`` (3.6) or ``kernel_metadata, launch_metadata,
+   launch_enter_hook, launch_exit_hook, *args`` (3.9). On every hit the kernel's launcher must still be the one
+   checked, and the global values the kernel was compiled against unchanged, as ``run`` checks (a change takes the
+   normal path, which raises Triton's error).
+4. The launcher gets what ``run`` gives it: the grid padded to 3 dimensions, the current stream, the kernel's function
+   handle and packed metadata, and every argument in signature order (constexprs included: the launcher drops
+   them). ``run`` also passes the hook chains and launch metadata, which with no hook registered do nothing; here
+   they are None, which both launchers skip.
+5. Triton 3.6.x and 3.9.x only, the versions whose ``JITFunction.run`` and launchers this was written against; with
+   any other version every launch takes the normal path.
+
+``VERA_KERNELS_FAST_LAUNCH=0`` (read at import) switches the fast path off: every launch through
+``kernel[grid](...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import triton
+from triton import knobs
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+ENV_FAST_LAUNCH = "VERA_KERNELS_FAST_LAUNCH"
+SUPPORTED_TRITON = ("3.6", "3.9")
+
+_TRITON_RUN = JITFunction.__dict__["run"]
+# a version this was not written for, or a run already patched when this is imported: the fast path is off for good
+_SUPPORTED = (".".join(triton.__version__.split(".")[:2]) in SUPPORTED_TRITON
+              and getattr(_TRITON_RUN, "__module__", "") == "triton.runtime.jit")
+_HOOK_CHAIN = getattr(knobs, "HookChain", None)
+_HAS_FPSAN = hasattr(type(knobs.compilation), "fpsan_homomorphic_casts")  # 3.9: a knob run() puts into the options
+
+# The launcher's parameters before ``*args``: 3.6 (the head alone) and 3.9 (the head, then the rest).
+_LAUNCHER_HEAD = ("gridX", "gridY", "gridZ", "stream", "function")
+_LAUNCHER_39 = ("kernel_metadata", "launch_metadata", "launch_enter_hook", "launch_exit_hook")
+_PLAIN_TYPES = (bool, int, str, type(None))
+_GRID_PAD = {1: (1, 1), 2: (1,), 3: ()}
+_MISSING = object()
+
+
+def _enabled_from_env() -> bool:
+    env = os.environ.get(ENV_FAST_LAUNCH)
+    if env is None or env == "1":
+        return True
+    if env == "0":
+        return False
+    raise ValueError(f"{ENV_FAST_LAUNCH}={env!r}: use 0 (off) or 1 (on, the default)")
+
+
+# Read once: an environment lookup per launch would cost a good part of what the fast path saves.
+ENABLED = _enabled_from_env()
+
+
+class _KernelState:
+    """Per kernel: whether the fast path applies to it at all, its parameter layout and the compiled kernels kept."""
+
+    __slots__ = ("fn", "usable", "names", "n_leading", "constexpr_names", "entries")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.usable = _SUPPORTED and type(fn) is JITFunction
+        params = fn.params if self.usable else []
+        self.names = tuple(p.name for p in params)
+        # positional arguments are keyed as runtime arguments: those before the first constexpr parameter
+        self.n_leading = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        self.constexpr_names = frozenset(p.name for p in params if p.is_constexpr)
+        self.entries: dict = {}  # key -> (CompiledKernel, its launcher, names of the parameters passed by keyword)
+
+
+# id(kernel) -> _KernelState (by id: hashing a JITFunction hashes its source under a lock)
+_STATES: dict = {}
+
+
+def launch(fn, grid: tuple, *args, **kwargs):
+    """``fn[grid](*args, **kwargs)``, through the kernel Triton compiled for such a call before when there is one
+    (see the module docstring). Returns what Triton's launch returns: the compiled kernel."""
+    state = _STATES.get(id(fn))
+    if state is None or state.fn is not fn:
+        state = _STATES[id(fn)] = _KernelState(fn)
+    pad = _GRID_PAD.get(len(grid)) if type(grid) is tuple else None  # a callable grid: the normal path
+    if not (ENABLED and state.usable) or pad is None or _observed(fn):
+        return fn[grid](*args, **kwargs)
+    device = driver.active.get_current_device()
+    key = call_key(state, device, args, kwargs)
+    try:
+        entry = state.entries.get(key) if key is not None else None
+    except TypeError:  # an unhashable keyword value: not keyed
+        entry = key = None
+    if entry is not None:
+        kernel, launcher, kw_params = entry
+        if kernel.run is launcher and (not fn.used_global_vals or _globals_unchanged(fn)):
+            g0, g1, g2 = grid + pad
+            launcher(g0, g1, g2, driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
+                     None, None, None, *args, *map(kwargs.__getitem__, kw_params))
+            return kernel
+    kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
+    if key is not None:
+        _record(state, key, kernel, args, kwargs)
+    return kernel
+
+
+def call_key(state: _KernelState, device, args: tuple, kwargs: dict):
+    """The cache key of a call (invariant 1), or None when the call is not keyed (an argument of a type the key does
+    not cover, or a constexpr passed positionally).
+
+    A tuple: device, fn.debug, knobs.runtime.debug, the keyword arguments as three tuples (names, types, values),
+    then per positional argument, flat: a tensor -> dtype, aligned16; an int -> width (0 int32, 1 int64, 2 uint64,
+    3 out of range: Triton raises), == 1, divisible by 16; a float -> ``float``; None -> None; a bool -> ``bool``,
+    value. Each kind's first item (a dtype, a small int, a type, None) tells it apart from every other kind's, so two
+    different argument lists never flatten to one key."""
+    if len(args) > state.n_leading:
+        return None
+    values = tuple(kwargs.values())
+    # types before values: tuples compare item by item, so values of different types are never compared
+    key = [device, state.fn.debug, knobs.runtime.debug, tuple(kwargs), tuple(map(type, values)), values]
+    append = key.append
+    for a in args:
+        if type(a) is int:
+            append(0 if -0x80000000 <= a <= 0x7FFFFFFF else _int_width(a))
+            append(a == 1)
+            append(a % 16 == 0)
+        elif isinstance(a, torch.Tensor):
+            append(a.dtype)
+            append(a.data_ptr() % 16 == 0)
+        elif type(a) is float:
+            append(float)
+        elif a is None:
+            append(None)
+        elif type(a) is bool:
+            append(bool)
+            append(a)
+        else:
+            return None
+    return tuple(key)
+
+
+def _int_width(a: int) -> int:
+    """Triton's type for an int argument: 0 int32, 1 int64, 2 uint64, 3 none (Triton raises)."""
+    if -0x80000000 <= a <= 0x7FFFFFFF:
+        return 0
+    if -0x8000000000000000 <= a <= 0x7FFFFFFFFFFFFFFF:
+        return 1
+    return 2 if 0 <= a <= 0xFFFFFFFFFFFFFFFF else 3
+
+
+def _hook_set(hook) -> bool:
+    return hook is not None and (type(hook) is not _HOOK_CHAIN or bool(hook.calls))
+
+
+def _observed(fn: JITFunction) -> bool:
+    """Invariant 2: something could observe or alter this launch, or ``run`` is not Triton's."""
+    rt = knobs.runtime
+    return bool(
+        type(fn).run is not _TRITON_RUN or "run" in fn.__dict__ or fn.pre_run_hooks or _hook_set(rt.launch_enter_hook)
+        or _hook_set(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None
+        or knobs.compilation.instrumentation_mode or (_HAS_FPSAN and knobs.compilation.fpsan_homomorphic_casts))
+
+
+def _globals_unchanged(fn: JITFunction) -> bool:
+    # the check run() makes before each launch (the normal path raises its error)
+    for (name, _), (val, globals_dict) in fn.used_global_vals.items():
+        if globals_dict.get(name, _MISSING) != val:
+            return False
+    return True
+
+
+def _record(state: _KernelState, key, kernel, args: tuple, kwargs: dict) -> None:
+    """Keep ``kernel`` (what Triton's launch returned) for ``key`` where invariants 1 and 3 hold."""
+    if not isinstance(kernel, CompiledKernel):  # e.g. an async-compile future
+        return
+    kw_params = state.names[len(args):]
+    if any(n not in kwargs or n not in state.constexpr_names for n in kw_params):
+        return  # a parameter left to its default, or a runtime one passed by keyword
+    if any(type(v) not in _PLAIN_TYPES for v in kwargs.values()):
+        return
+    launcher = kernel.run
+    if _known_launcher(launcher):
+        state.entries[key] = (kernel, launcher, kw_params)
+
+
+def _known_launcher(launcher: Any) -> bool:
+    """Invariant 3: the launcher takes the positional call run() makes."""
+    try:
+        params = list(inspect.signature(launcher).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params or params[-1].kind is not inspect.Parameter.VAR_POSITIONAL:
+        return False
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:-1]):
+        return False
+    return tuple(p.name for p in params[:-1]) in (_LAUNCHER_HEAD, _LAUNCHER_HEAD + _LAUNCHER_39)
+
+
+def cached_kernels(fn) -> dict:
+    """The kernels kept for ``fn``, by key (for tests)."""
+    state = _STATES.get(id(fn))
+    return dict(state.entries) if state is not None and state.fn is fn else {}
+
+
+def clear() -> None:
+    """Forget every kept kernel (Triton's own cache is untouched)."""
+    for state in _STATES.values():
+        state.entries.clear()

@@ -301,7 +301,9 @@ def test_unknown_base_gemm_mode_is_refused():
 
 
 def test_backend_resolution(monkeypatch):
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"  # triton imports here
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"  # measured: see backends.auto_backend
+    assert resolve_backend("auto", torch.device("cuda"), dropout=True) == "triton"  # triton imports here
+    assert resolve_backend("auto", torch.device("cpu"), dropout=True) == "torch"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("VERA_KERNELS_BACKEND", "reference")
     assert resolve_backend("auto", torch.device("cuda")) == "reference"

@@ -3,7 +3,8 @@
 - "reference": PEFT's unfused math in float32: the yardstick every other backend is tested against.
 - "torch": a torch.autograd.Function with a hand-derived, memory-lean backward (any device).
 - "triton": fused Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1, for testing).
-- "auto": triton for CUDA tensors when triton imports, torch otherwise. ``VERA_KERNELS_BACKEND`` overrides "auto".
+- "auto": the measured faster one for the call (``auto_backend``): torch, or triton for CUDA tensors with adapter
+  dropout. ``VERA_KERNELS_BACKEND`` overrides "auto".
 
 Asking for a backend that cannot run on the given tensors raises a clear error; nothing falls back silently.
 """
@@ -59,8 +60,27 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs on ``device``; raises if the requested one cannot."""
+def auto_backend(device: torch.device, dropout: bool) -> str:
+    """What "auto" runs, by measurement (bench/results/2026-11-27-H100.md, gpu-check at 320080d, bf16, r = 256):
+
+    - Without adapter dropout: "torch". Both backends now run the same forward (aten and cuBLAS, no launch); in
+      backward the triton one fuses the lambda reductions into 2 launches where the torch one runs ~6 small aten
+      ops. On the H100 the two were within 1% of each other in GPU time at 8192 tokens (4096->4096; at 4096->11008
+      the torch backend was 2% faster), and where the triton one was faster (512 tokens: 0.125 against 0.147 ms)
+      the eager step is bound by the host, on which the torch backend is the cheaper (bench/host_overhead.py).
+      So there is no size, in tokens x out, at which triton wins an eager step: no crossover to switch at.
+    - With dropout, on CUDA: "triton". Its mask is drawn inside the down kernel's loads; the torch backend's
+      counter-based mask is ~12 elementwise int64 passes over the (tokens x in) input, several times the layer's
+      own memory traffic at any size.
+    Re-measure with ``make gpu-check`` when either backend changes."""
+    if device.type == "cuda" and dropout and triton_import_error() is None:
+        return "triton"
+    return "torch"
+
+
+def resolve_backend(backend: str, device: torch.device, dropout: bool = False) -> str:
+    """The concrete backend that runs on ``device`` (``dropout``: whether this call applies adapter dropout, which
+    "auto" weighs); raises if the requested one cannot."""
     check_backend_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_BACKEND, "").strip()
@@ -69,7 +89,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 raise ValueError(f"{ENV_BACKEND}={env!r} is not a backend; choose one of {BACKEND_CHOICES}")
             backend = env
         else:
-            return "triton" if device.type == "cuda" and triton_import_error() is None else "torch"
+            return auto_backend(device, dropout)
     if backend == "triton":
         reason = triton_unavailable_reason(device)
         if reason:

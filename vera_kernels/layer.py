@@ -183,22 +183,23 @@ class VeraLinear(nn.Module):
         if self.merged or not active:
             return self._base_forward(x, *args, **kwargs)
 
-        concrete = resolve_backend(self.backend, x.device)
-        impl = get_impl(concrete)
         lambdas_d = self._modules["vera_lambda_d"]._parameters
         lambdas_b = self._modules["vera_lambda_b"]._parameters
         training = self.training
         adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
+        device = x.device
+        concrete = resolve_backend(self.backend, device, training and any(a[2] > 0.0 for a in adapters))
+        impl = get_impl(concrete)
         if adapters[0][0].is_meta:
             raise RuntimeError(
                 f"vera_kernels: the adapter's lambdas of this layer are on the meta device (not materialised, e.g. "
                 f"offloaded by accelerate); move the patched model to a device before running it ({self.extra_repr()})"
             )
         plain = self._plain_base(args, kwargs)
-        ac = autocast_dtype(x.device.type)
+        ac = autocast_dtype(device.type)
         if plain is None:  # the base layer runs as set up (hooks, offloading, quantized kernels, autocast)
             base_out = self._base_forward(x, *args, **kwargs)
-        with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
+        with torch.autocast(device.type, enabled=False) if ac is not None else contextlib.nullcontext():
             xc = x.to(ac) if ac is not None else x
             xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
             fused = None

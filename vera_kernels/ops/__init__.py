@@ -128,7 +128,7 @@ def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dro
               backend):
     """The op-level path shared by vera_linear and vera_add_delta: resolve the backend, apply autocast and the dtype
     rules, flatten for the fused backends, compute the base (or take base_out), add the delta, restore the shape."""
-    concrete = resolve_backend(backend, x.device)
+    concrete = resolve_backend(backend, x.device, bool(training and float(dropout_p) > 0.0))
     impl = get_impl(concrete)
     in_f = x.shape[-1]
     out_f = lambda_b.shape[0]

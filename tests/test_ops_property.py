@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import vera_kernels as vk
+from vera_kernels._dtypes import adapter_compute_dtype
 from helpers import BACKENDS, assert_close_f64, f64_leaf, vera_formula
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -422,7 +423,8 @@ def test_fused_backend_saves_only_h(backend, dtype, case):
 
     y, nbytes = saved_activation_bytes(lambda: call(backend), exclude)
     assert torch.isfinite(y).all()
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    # h is in the branch's compute dtype: the activation dtype, or float32 for the torch backend on the CPU
+    itemsize = torch.empty((), dtype=adapter_compute_dtype(backend, dtype, "cpu")).element_size()
     assert nbytes == tokens * r * itemsize, f"{backend} backend saved {nbytes} bytes, want {tokens * r * itemsize}"
     y.sum().backward()  # the saved tensors are enough for backward
     assert ld.grad is not None and torch.isfinite(ld.grad).all()
@@ -455,7 +457,7 @@ def test_vera_linear_layer_saves_only_h(dtype):
         exclude += list(layer.vera_projections.for_compute(dtype))
     y, nbytes = saved_activation_bytes(lambda: layer(hidden), exclude)
     assert torch.isfinite(y).all()
-    assert nbytes == 44 * r * hidden.element_size()
+    assert nbytes == 44 * r * torch.empty((), dtype=adapter_compute_dtype("torch", dtype, "cpu")).element_size()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,8 @@
 - The "reference" backend computes the adapter branch in float32 (PEFT's "autocast adapter dtype"), then casts the
   result back to the base output's dtype.
 - The "torch" and "triton" backends compute in the activation dtype (fp32/fp16/bf16) with float32 accumulation and
-  float32 lambdas; the projections are cast to the activation dtype on the fly (never stored in another dtype).
+  float32 lambdas (the torch backend on the CPU: float32, see adapter_compute_dtype); A is cast to the compute dtype
+  once and cached, B is folded with the lambdas in float32.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ def allowed_dtypes(backend: str) -> tuple:
     return COMPUTE_DTYPES if backend == "triton" else REFERENCE_DTYPES
 
 
-def adapter_compute_dtype(backend: str, activation_dtype: torch.dtype) -> torch.dtype:
+def adapter_compute_dtype(backend: str, activation_dtype: torch.dtype, device_type: str = "cuda") -> torch.dtype:
     """The dtype of the adapter branch's GEMMs (and of h): float32 for the reference (PEFT's "autocast adapter
-    dtype"), the activation dtype for the fused backends (for a quantized base: its compute dtype, the dtype of its
-    output), with float32 accumulation and float32 lambdas."""
-    return PARAM_DTYPE if backend == "reference" else activation_dtype
+    dtype"); for the fused backends the activation dtype (for a quantized base: its compute dtype, the dtype of its
+    output), with float32 accumulation and float32 lambdas, except the torch backend on the CPU, which computes a
+    bf16/fp16 model's branch in float32 as PEFT does: CPUs without native bf16 (AVX2, most AVX-512) run bf16 GEMMs
+    emulated, ~100x slower than float32 on the development machine (512x1376x256: 348 against 3.2 ms), which made
+    the adapter cost half a bf16 step. (The triton backend on the CPU is the interpreter, for tests: it keeps the
+    activation dtype so that the low-precision kernels are what is tested.)"""
+    if backend == "reference":
+        return PARAM_DTYPE
+    if backend == "torch" and device_type == "cpu" and activation_dtype in (torch.float16, torch.bfloat16):
+        return PARAM_DTYPE
+    return activation_dtype
 
 
 def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = "input") -> None:

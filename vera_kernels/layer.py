@@ -210,7 +210,7 @@ class VeraLinear(nn.Module):
                 base_out, fused = linear_base(concrete, impl, xf, weight, bias, self.fan_in_fan_out)
             elif impl.FLAT and base_out.dim() != 2:
                 base_out = base_out.reshape(-1, self.out_features)
-            cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype)
+            cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, device.type)
             check_activation_dtype(xf, allowed_dtypes(concrete))
             if concrete != "reference" and xf.dtype != cd:
                 xf = xf.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it

@@ -147,7 +147,8 @@ def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dro
         fused = None
         if base_out is None:
             base_out, fused = linear_base(concrete, impl, x, weight, bias, fan_in_fan_out)
-        cd = _dtypes.adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else x.dtype)
+        cd = _dtypes.adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else x.dtype,
+                                           x.device.type)
         if concrete != "reference" and x.dtype != cd:
             x = x.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
         # the nodes cast A to the compute dtype (keeping this view, not the cast) and fold B with the lambdas

@@ -93,7 +93,8 @@ class VeraDownFunction(torch.autograd.Function):
 class VeraUpFunction(torch.autograd.Function):
     r"""y = base + h R^T with R = diag(lambda_b) B_s diag(lambda_d): the up node, one per layer and adapter.
 
-    Shapes: base (N, out) and h (N, r) in the compute dtype; B_s (out, r), lambda_d (r), lambda_b (out) float32.
+    Shapes: base (N, out) in the model's dtype, h (N, r) in the compute dtype (the same, or float32 on the CPU:
+    _dtypes.adapter_compute_dtype); B_s (out, r), lambda_d (r), lambda_b (out) float32.
     R is folded in float32 and rounded once to the compute dtype (no (N x r) or (N x out) elementwise pass):
         forward:   y = base + h R^T                                  (one addmm)
     Backward, with g = dL/dy (N, out) and G = g^T h (out, r), one rank-r GEMM over the tokens:
@@ -108,17 +109,23 @@ class VeraUpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base, h, vera_B_s, lambda_d, lambda_b):
         ctx.save_for_backward(h, vera_B_s, lambda_d, lambda_b)
-        return torch.addmm(base, h, _fold(vera_B_s, lambda_d, lambda_b, h.dtype).t())
+        R_t = _fold(vera_B_s, lambda_d, lambda_b, h.dtype).t()
+        if base.dtype == h.dtype:
+            return torch.addmm(base, h, R_t)
+        # a float32 branch on a low-precision base (the CPU rule, _dtypes.adapter_compute_dtype): added in float32,
+        # one rounding to the base's dtype, as PEFT's result + delta
+        return torch.addmm(base.to(h.dtype), h, R_t).to(base.dtype)
 
     @staticmethod
     def backward(ctx, g):
         h, vera_B_s, lambda_d, lambda_b = ctx.saved_tensors
         need_base, need_h, _, need_ld, need_lb = ctx.needs_input_grad
         grad_h = grad_ld = grad_lb = None
+        gc = _as(g, h.dtype)  # the branch's dtype (g is in the base's)
         if need_h:
-            grad_h = torch.mm(g, _fold(vera_B_s, lambda_d, lambda_b, g.dtype))
+            grad_h = torch.mm(gc, _fold(vera_B_s, lambda_d, lambda_b, h.dtype))
         if need_ld or need_lb:
-            GB = torch.mm(g.t(), h).float().mul_(vera_B_s)  # (out, r); .float() of a float32 G is G itself (ours)
+            GB = torch.mm(gc.t(), h).float().mul_(vera_B_s)  # (out, r); .float() of a float32 G is G itself (ours)
             # (lambdas in another dtype, e.g. under FSDP2's bf16 MixedPrecisionPolicy: float32 math, the gradient
             # returned in the lambda's dtype)
             grad_lb = torch.mv(GB, lambda_d.float()).to(lambda_b.dtype) if need_lb else None

@@ -214,8 +214,9 @@ class VeraLinear(nn.Module):
             check_activation_dtype(xf, allowed_dtypes(concrete))
             if concrete != "reference" and xf.dtype != cd:
                 xf = xf.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
-            A_s, B_s = self.vera_projections.operands(cd, self.in_features, self.out_features)
-            share = self.vera_projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
+            projections = self._modules["vera_projections"]
+            A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
+            share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
             y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, fused_base=fused, share=share)
         if impl.FLAT and x.dim() != 2:
             return y.view(*x.shape[:-1], self.out_features)

@@ -119,7 +119,8 @@ class VeraProjections(nn.Module):
         the masters change (version counter), move or are replaced. Saves two cast kernels per layer call.
         A cast made during ``torch.inference_mode()`` is made outside it: an inference tensor in the cache would
         break every later training step ("Inference tensors cannot be saved for backward")."""
-        A, B = self.vera_A, self.vera_B
+        buffers = self._buffers  # (not Module.__getattr__: this runs in every adapted layer's forward)
+        A, B = buffers["vera_A"], buffers["vera_B"]
         if dtype == A.dtype:
             return A, B
         if torch.compiler.is_compiling():
@@ -137,7 +138,7 @@ class VeraProjections(nn.Module):
         take A in the compute dtype (a cached cast) and fold B with the float32 lambdas; the reference takes both in
         float32. The views are cached per (dtype, shape) while the tensors behind them stay the same (`.data =`,
         swap_tensors, a device move or a new cast all refresh them), saving the slicing ops per layer call."""
-        A, B = self.for_compute(dtype)[0], self.vera_B
+        A, B = self.for_compute(dtype)[0], self._buffers["vera_B"]
         if torch.compiler.is_compiling():
             return A[:, :in_features], B[:out_features]
         key = (dtype, in_features, out_features)

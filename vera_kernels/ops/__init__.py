@@ -44,10 +44,10 @@ def run_adapters(impl, x: torch.Tensor, base: Optional[torch.Tensor], vera_A_s: 
     """``base`` plus the delta of every adapter in ``adapters`` ((lambda_d, lambda_b, dropout_p) triples, dropout
     already zero outside training), computed by backend module ``impl`` (see backends.get_impl).
 
-    ``x`` and ``base`` are as the backend takes them (flattened to (N, features) for the fused backends, in the
-    compute dtype: ``_dtypes.adapter_compute_dtype``), ``vera_A_s`` in the compute dtype or float32 (cast by the down
-    node; the layer passes a cached cast),
-    ``vera_B_s`` and the lambdas float32. Adapters without dropout share one h (A is the same for all of them);
+    ``x`` and ``base`` are as the backend takes them (flattened to (N, features) for the fused backends; x in the
+    compute dtype, ``_dtypes.adapter_compute_dtype``, base in the model's), ``vera_A_s`` in the compute dtype or
+    float32 (cast by the down node; the layer passes a cached cast), ``vera_B_s`` and the lambdas float32.
+    Adapters without dropout share one h (A is the same for all of them);
     ``share`` (a ``sharing.HSlot`` or None) also shares it with sibling layers that read the same input. With
     ``fused_base = (weight, bias, fan_in_fan_out, mode)`` and base None, the first adapter's up node computes the
     base GEMM too (the triton backend's fused arrangements)."""

@@ -161,10 +161,14 @@ def test_quick_run_has_every_case_and_implementation(quick):
         if r["available"]:
             assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["step_ms"] >= r["fwdbwd_ms"] * 0.999
             assert isinstance(r["saved_bytes"], int)
-    # the memory-lean backend keeps only h = x A^T (tokens x r) for backward
+    # the memory-lean backend keeps only h = x A^T (tokens x r) for backward, in the branch's compute dtype (on the
+    # CPU the torch backend computes a bf16 model's branch in float32: _dtypes.adapter_compute_dtype)
+    from vera_kernels._dtypes import adapter_compute_dtype
+
     for r in layer:
         if r["impl"] == "torch":
-            elem = {"fp32": 4, "bf16": 2}[r["dtype"]]
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r["dtype"]]
+            elem = torch.empty((), dtype=adapter_compute_dtype("torch", dtype, "cpu")).element_size()
             assert r["saved_bytes"] <= r["tokens"] * r["r"] * elem
     model = [r for r in rows if r["kind"] == "model"]
     assert {r["impl"] for r in model} == {"base", "peft", "peft-lora", "reference", "torch", "triton"}

@@ -99,6 +99,31 @@ BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 
 
+def quiet(fn, *args, **kw):
+    """fn(*args, **kw) with warnings silenced (transformers' and PEFT's chatter in training tests)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+def save_nf4_llama(path) -> str:
+    """Save a tiny Llama (hidden 64, intermediate 128) to ``path`` for loading as a bitsandbytes nf4 model."""
+    quiet(tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained, path)
+    return str(path)
+
+
+def trainer_base_model(kind: str, nf4_path=None):
+    """The base model of the Trainer/TRL tests: the tiny Llama ("plain") or the one in ``nf4_path`` loaded in 4 bits
+    (nf4, float32 compute) on the CPU ("nf4")."""
+    if kind == "plain":
+        return tiny_llama(0)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return quiet(AutoModelForCausalLM.from_pretrained, nf4_path, quantization_config=q, device_map="cpu",
+                 dtype=torch.float32)
+
+
 def token_ids(seed: int = 0, batch: int = 2, length: int = 7, vocab: int = 128) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

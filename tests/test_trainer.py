@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 
 import peft
 import pytest
@@ -22,19 +21,13 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import vera_kernels as vk
-from helpers import assert_tensors_equal, set_random_lambdas, tiny_llama
+from helpers import assert_tensors_equal, quiet, save_nf4_llama, set_random_lambdas, tiny_llama, trainer_base_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 CFG = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, projection_prng_key=3)
 STEPS, SAVE_EVERY = 4, 2
-
-
-def quiet(fn, *args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kw)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -71,24 +64,12 @@ def train(model, out, resume=None):
 @pytest.fixture(scope="module")
 def nf4_base(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
-    path = tmp_path_factory.mktemp("llama")
-    quiet(tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained, path)
-    return str(path)
-
-
-def base_model(kind: str, nf4_base=None):
-    if kind == "plain":
-        return tiny_llama(0)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return quiet(AutoModelForCausalLM.from_pretrained, nf4_base, quantization_config=q, device_map="cpu",
-                 dtype=torch.float32)
+    return save_nf4_llama(tmp_path_factory.mktemp("llama"))
 
 
 def ours(kind, nf4_base=None):
     torch.manual_seed(1)
-    return vk.patch_model(base_model(kind, nf4_base), CFG, backend="reference")
+    return vk.patch_model(trainer_base_model(kind, nf4_base), CFG, backend="reference")
 
 
 def adapter_files(folder) -> list[str]:
@@ -99,7 +80,7 @@ def adapter_files(folder) -> list[str]:
 def test_trainer_matches_peft_and_resumes(kind, tmp_path, request):
     nf4 = request.getfixturevalue("nf4_base") if kind == "nf4" else None
     torch.manual_seed(1)
-    pm = quiet(peft.get_peft_model, base_model(kind, nf4), peft.VeraConfig(**CFG))
+    pm = quiet(peft.get_peft_model, trainer_base_model(kind, nf4), peft.VeraConfig(**CFG))
     want, _ = train(pm, tmp_path / "peft")
     om = ours(kind, nf4)
     got, trainer = train(om, tmp_path / "ours")
@@ -112,10 +93,10 @@ def test_trainer_matches_peft_and_resumes(kind, tmp_path, request):
         assert adapter_files(ck) == ["adapter_config.json", "adapter_model.safetensors"]
         tensors = load_file(ck / "adapter_model.safetensors")
         assert_tensors_equal(tensors, load_file(pk / "adapter_model.safetensors"), f"checkpoint-{step}")
-        loaded = quiet(PeftModel.from_pretrained, base_model(kind, nf4), ck)
+        loaded = quiet(PeftModel.from_pretrained, trainer_base_model(kind, nf4), ck)
         assert_tensors_equal({k: v.detach() for k, v in get_peft_model_state_dict(loaded).items()}, tensors,
                              "PEFT-loaded")
-        assert_tensors_equal(vk.get_vera_state_dict(quiet(vk.load_adapter, base_model(kind, nf4), ck)), tensors,
+        assert_tensors_equal(vk.get_vera_state_dict(quiet(vk.load_adapter, trainer_base_model(kind, nf4), ck)), tensors,
                              "vk-loaded")
     final = vk.get_vera_state_dict(om)
     assert_tensors_equal(load_file(tmp_path / "ours" / f"checkpoint-{STEPS}" / "adapter_model.safetensors"), final,
@@ -136,7 +117,7 @@ def test_trainer_matches_peft_and_resumes(kind, tmp_path, request):
 def test_trainer_refuses_unpatched_quantized_model(nf4_base, tmp_path):
     """The mark patch_model sets is what lets Trainer train a quantized base: without it Trainer refuses, as before
     (pins transformers' check)."""
-    model = base_model("nf4", nf4_base)
+    model = trainer_base_model("nf4", nf4_base)
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
     with pytest.raises(ValueError, match="purely quantized"):
         Trainer(model=model, args=args, train_dataset=Tokens())

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import peft
 import pytest
@@ -20,19 +19,13 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import vera_kernels as vk
-from helpers import assert_tensors_equal, tiny_llama
+from helpers import assert_tensors_equal, quiet, save_nf4_llama, tiny_llama, trainer_base_model
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 CFG = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, projection_prng_key=3)
 STEPS, VOCAB = 4, 128
-
-
-def quiet(fn, *args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kw)
 
 
 def tokenizer():
@@ -79,19 +72,7 @@ def sft(model, out):
 @pytest.fixture(scope="module")
 def nf4_base(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
-    path = tmp_path_factory.mktemp("llama")
-    quiet(tiny_llama(0, hidden_size=64, intermediate_size=128).save_pretrained, path)
-    return str(path)
-
-
-def base_model(kind: str, nf4_base=None):
-    if kind == "plain":
-        return tiny_llama(0)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return quiet(AutoModelForCausalLM.from_pretrained, nf4_base, quantization_config=q, device_map="cpu",
-                 dtype=torch.float32)
+    return save_nf4_llama(tmp_path_factory.mktemp("llama"))
 
 
 def lambdas(model) -> dict:
@@ -102,7 +83,7 @@ def lambdas(model) -> dict:
 def test_sft_trainer_matches_peft(kind, backend, tmp_path, request):
     nf4 = request.getfixturevalue("nf4_base") if kind == "nf4" else None
     torch.manual_seed(1)
-    peft_base = base_model(kind, nf4)
+    peft_base = trainer_base_model(kind, nf4)
     pm = quiet(peft.get_peft_model, peft_base, peft.VeraConfig(**CFG))
     if kind == "nf4":
         # PEFT's VeRA cannot run SFTTrainer's QLoRA cast: bf16 lambdas against its float32 vera_A raise "expected m1
@@ -111,7 +92,7 @@ def test_sft_trainer_matches_peft(kind, backend, tmp_path, request):
         peft_base.is_loaded_in_4bit = False
     want, _ = sft(pm, tmp_path / "peft")
     torch.manual_seed(1)
-    om = vk.patch_model(base_model(kind, nf4), CFG, backend=backend)
+    om = vk.patch_model(trainer_base_model(kind, nf4), CFG, backend=backend)
     before = lambdas(om)
     got, trainer = sft(om, tmp_path / "ours")
     assert len(got) == STEPS and all(torch.isfinite(torch.tensor(got)))
@@ -138,6 +119,6 @@ def test_sft_trainer_matches_peft(kind, backend, tmp_path, request):
     ck = tmp_path / "ours" / f"checkpoint-{STEPS}"
     saved = load_file(ck / "adapter_model.safetensors")
     assert_tensors_equal(saved, ours_sd, "checkpoint")
-    loaded = quiet(PeftModel.from_pretrained, base_model(kind, nf4), ck)
+    loaded = quiet(PeftModel.from_pretrained, trainer_base_model(kind, nf4), ck)
     assert_tensors_equal({k: v.detach().to(saved[k].dtype) for k, v in get_peft_model_state_dict(loaded).items()},
                          saved, "PEFT-loaded")

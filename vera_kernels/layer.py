@@ -212,12 +212,10 @@ class VeraLinear(nn.Module):
                 base_out = base_out.reshape(-1, self.out_features)
             cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, device.type)
             check_activation_dtype(xf, allowed_dtypes(concrete))
-            if concrete != "reference" and xf.dtype != cd:
-                xf = xf.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
             projections = self._modules["vera_projections"]
             A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
             share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
-            y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, fused_base=fused, share=share)
+            y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused, share=share)
         if impl.FLAT and x.dim() != 2:
             return y.view(*x.shape[:-1], self.out_features)
         return y

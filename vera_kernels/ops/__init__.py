@@ -40,25 +40,30 @@ def seed_device(backend: str, x: torch.Tensor) -> torch.device:
 
 
 def run_adapters(impl, x: torch.Tensor, base: Optional[torch.Tensor], vera_A_s: torch.Tensor,
-                 vera_B_s: torch.Tensor, adapters, *, fused_base=None, share=None) -> torch.Tensor:
+                 vera_B_s: torch.Tensor, adapters, *, compute_dtype: Optional[torch.dtype] = None, fused_base=None,
+                 share=None) -> torch.Tensor:
     """``base`` plus the delta of every adapter in ``adapters`` ((lambda_d, lambda_b, dropout_p) triples, dropout
     already zero outside training), computed by backend module ``impl`` (see backends.get_impl).
 
-    ``x`` and ``base`` are as the backend takes them (flattened to (N, features) for the fused backends; x in the
-    compute dtype, ``_dtypes.adapter_compute_dtype``, base in the model's), ``vera_A_s`` in the compute dtype or
+    ``x`` and ``base`` are as the backend takes them (flattened to (N, features) for the fused backends; base in the
+    model's dtype). ``x`` is cast to ``compute_dtype`` (``_dtypes.adapter_compute_dtype``) only when an h has to be
+    computed here, not when a sibling's is reused. ``vera_A_s`` in the compute dtype or
     float32 (cast by the down node; the layer passes a cached cast), ``vera_B_s`` and the lambdas float32.
     Adapters without dropout share one h (A is the same for all of them);
     ``share`` (a ``sharing.HSlot`` or None) also shares it with sibling layers that read the same input. With
     ``fused_base = (weight, bias, fan_in_fan_out, mode)`` and base None, the first adapter's up node computes the
     base GEMM too (the triton backend's fused arrangements)."""
     hs: dict = {}  # this call's h per dropout probability: the dropout-free one serves every adapter without it
+    xc = None  # x in the compute dtype, made on first use
     for lambda_d, lambda_b, p in adapters:
         shared = share is not None and (p == 0.0 or share.shares_dropout())
         h = hs.get(p) if shared or p == 0.0 else None
         if h is None and shared:
             h = share.get(p)
         if h is None:
-            h = impl.down(x, vera_A_s, p, draw_dropout_seed(x.device) if p > 0.0 and impl.SEEDED else None)
+            if xc is None:  # quantized bases compute in their compute dtype; the fused delta follows it
+                xc = x if compute_dtype is None or x.dtype == compute_dtype else x.to(compute_dtype)
+            h = impl.down(xc, vera_A_s, p, draw_dropout_seed(x.device) if p > 0.0 and impl.SEEDED else None)
             if shared:
                 share.put(h, p)
         if shared or p == 0.0:
@@ -149,12 +154,10 @@ def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dro
             base_out, fused = linear_base(concrete, impl, x, weight, bias, fan_in_fan_out)
         cd = _dtypes.adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else x.dtype,
                                            x.device.type)
-        if concrete != "reference" and x.dtype != cd:
-            x = x.to(cd)  # quantized bases compute in their compute dtype; the fused delta follows it
         # the nodes cast A to the compute dtype (keeping this view, not the cast) and fold B with the lambdas
         A_s, B_s = vera_A[:, :in_f], vera_B[:out_f, :]
         p = float(dropout_p) if training else 0.0
-        y = run_adapters(impl, x, base_out, A_s, B_s, [(lambda_d, lambda_b, p)], fused_base=fused)
+        y = run_adapters(impl, x, base_out, A_s, B_s, [(lambda_d, lambda_b, p)], compute_dtype=cd, fused_base=fused)
     return y.view(*lead, out_f) if impl.FLAT and len(lead) != 1 else y
 
 

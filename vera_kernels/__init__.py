@@ -11,6 +11,7 @@ from .backends import BACKEND_CHOICES, BACKENDS
 from .checkpoint import get_vera_state_dict, load_adapter, read_adapter, save_adapter
 from .config import VeraConfig
 from .layer import ModulesToSave, VeraLinear
+from .mixed import adapter_batch
 from .model import (
     active_adapters,
     adapter_names,
@@ -46,6 +47,7 @@ __all__ = [
     "set_adapter",
     "delete_adapter",
     "disable_adapter",
+    "adapter_batch",
     "merge_adapter",
     "unmerge_adapter",
     "merge_and_unload",

@@ -18,7 +18,7 @@ from torch.nn.modules import module as _nn_module
 from ._dtypes import (PARAM_DTYPE, adapter_compute_dtype, allowed_dtypes, autocast_dtype, check_activation_dtype,
                       float32_preserving)
 from .backends import check_backend_name, get_impl, resolve_backend
-from .ops import linear_base, run_adapters
+from .ops import linear_base, run_adapters, run_mixed
 from .projections import VeraProjections
 from .targeting import in_out_features
 
@@ -48,6 +48,7 @@ class VeraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.backend = check_backend_name(backend)
+        self._row_adapters = None  # a mixed.RowAdapters inside vk.adapter_batch: each row runs its own adapter
         # the forward a base layer's class must have for the base to be computed here as a plain GEMM (_plain_base):
         # nn.Linear's own, or transformers' Conv1D's (a subclass that overrides forward runs as itself)
         self._plain_forward = (nn.Linear.forward if base_kind == "linear" else
@@ -179,16 +180,27 @@ class VeraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self._base_forward(x, *args, **kwargs)
-        active = self.active_adapters
-        if self.merged or not active:
-            return self._base_forward(x, *args, **kwargs)
-
-        lambdas_d = self._modules["vera_lambda_d"]._parameters
-        lambdas_b = self._modules["vera_lambda_b"]._parameters
-        training = self.training
-        adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
+        mixed = None
+        rows = self._row_adapters
+        if rows is not None:  # a mixed-adapter batch (vk.adapter_batch): the row plan decides, not the active set
+            if self.merged:  # PEFT's words
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
+            adapters = rows.layer_call(self, x, self.training)
+            if adapters is None:
+                return self._base_forward(x, *args, **kwargs)
+            if isinstance(adapters, tuple):
+                adapters, mixed = adapters
+        else:
+            active = self.active_adapters
+            if self.merged or not active:
+                return self._base_forward(x, *args, **kwargs)
+            lambdas_d = self._modules["vera_lambda_d"]._parameters
+            lambdas_b = self._modules["vera_lambda_b"]._parameters
+            training = self.training
+            adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
         device = x.device
-        concrete = resolve_backend(self.backend, device, training and any(a[2] > 0.0 for a in adapters))
+        concrete = resolve_backend(self.backend, device, any(a[2] > 0.0 for a in adapters))
         impl = get_impl(concrete)
         if adapters[0][0].is_meta:
             raise RuntimeError(
@@ -207,7 +219,8 @@ class VeraLinear(nn.Module):
                 weight, bias = plain
                 if ac is not None:
                     weight, bias = weight.to(ac), (bias.to(ac) if bias is not None else None)
-                base_out, fused = linear_base(concrete, impl, xf, weight, bias, self.fan_in_fan_out)
+                base_out, fused = linear_base(concrete, impl, xf, weight, bias, self.fan_in_fan_out,
+                                              fuse=mixed is None)
             elif impl.FLAT and base_out.dim() != 2:
                 base_out = base_out.reshape(-1, self.out_features)
             cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, device.type)
@@ -215,7 +228,11 @@ class VeraLinear(nn.Module):
             projections = self._modules["vera_projections"]
             A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
             share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
-            y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused, share=share)
+            if mixed is None:
+                y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused,
+                                 share=share)
+            else:
+                y = run_mixed(impl, xf, base_out, A_s, B_s, *mixed, compute_dtype=cd, share=share)
         if impl.FLAT and x.dim() != 2:
             return y.view(*x.shape[:-1], self.out_features)
         return y
@@ -270,6 +287,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.disable_adapters = False
+        self._row_adapters = None  # a mixed.RowAdapters inside vk.adapter_batch
 
     def add_adapter(self, name: str) -> None:
         import copy
@@ -304,4 +322,8 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        if self._row_adapters is not None and not self.disable_adapters:
+            from .mixed import modules_to_save_forward
+
+            return modules_to_save_forward(self, self._row_adapters, args, kwargs)
         return self.current()(*args, **kwargs)

@@ -292,19 +292,21 @@ def _mark_trainable(model: nn.Module, state: VeraState) -> None:
 def _attach(model: nn.Module) -> None:
     """What a patched model carries besides its modules: the projections in its state_dict, and (for a transformers
     model) what makes Trainer and ``save_pretrained`` treat it as PEFT's adapter-trained models."""
-    from . import integrations
+    from . import integrations, mixed
     from .projections import register_state_dict_hooks
 
     register_state_dict_hooks(model)
     integrations.attach(model)
+    mixed.attach(model)
 
 
 def _detach(model: nn.Module) -> None:
-    from . import integrations
+    from . import integrations, mixed
     from .projections import remove_state_dict_hooks
 
     remove_state_dict_hooks(model)
     integrations.detach(model)
+    mixed.detach(model)
 
 
 def _in_wrapper_internals(param_name: str) -> bool:

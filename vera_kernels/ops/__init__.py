@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _dtypes
 from ..backends import fused_base_mode, get_impl, resolve_backend
 
-__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed", "run_adapters"]
+__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed", "run_adapters", "run_mixed"]
 
 
 def draw_dropout_seed(device: Optional[torch.device] = None) -> torch.Tensor:
@@ -56,18 +56,7 @@ def run_adapters(impl, x: torch.Tensor, base: Optional[torch.Tensor], vera_A_s: 
     hs: dict = {}  # this call's h per dropout probability: the dropout-free one serves every adapter without it
     xc = None  # x in the compute dtype, made on first use
     for lambda_d, lambda_b, p in adapters:
-        shared = share is not None and (p == 0.0 or share.shares_dropout())
-        h = hs.get(p) if shared or p == 0.0 else None
-        if h is None and shared:
-            h = share.get(p)
-        if h is None:
-            if xc is None:  # quantized bases compute in their compute dtype; the fused delta follows it
-                xc = x if compute_dtype is None or x.dtype == compute_dtype else x.to(compute_dtype)
-            h = impl.down(xc, vera_A_s, p, draw_dropout_seed(x.device) if p > 0.0 and impl.SEEDED else None)
-            if shared:
-                share.put(h, p)
-        if shared or p == 0.0:
-            hs[p] = h
+        h, xc = _h_for(impl, x, xc, vera_A_s, p, share, hs, compute_dtype)
         if fused_base is not None and base is None:
             weight, bias, fan_in_fan_out, mode = fused_base
             base = impl.up(None, h, vera_B_s, lambda_d, lambda_b, fused_base=(x, weight, bias, fan_in_fan_out, mode))
@@ -76,17 +65,64 @@ def run_adapters(impl, x: torch.Tensor, base: Optional[torch.Tensor], vera_A_s: 
     return base
 
 
+def _h_for(impl, x, xc, vera_A_s, p: float, share, hs: dict, compute_dtype):
+    """(h, xc): the h for dropout probability ``p``: this call's (``hs``), a sibling layer's (``share``), or computed
+    here (from ``xc``, x in the compute dtype, made on first use and returned for the next call)."""
+    shared = share is not None and (p == 0.0 or share.shares_dropout())
+    h = hs.get(p) if shared or p == 0.0 else None
+    if h is None and shared:
+        h = share.get(p)
+    if h is None:
+        if xc is None:  # quantized bases compute in their compute dtype; the fused delta follows it
+            xc = x if compute_dtype is None or x.dtype == compute_dtype else x.to(compute_dtype)
+        h = impl.down(xc, vera_A_s, p, draw_dropout_seed(x.device) if p > 0.0 and impl.SEEDED else None)
+        if shared:
+            share.put(h, p)
+    if shared or p == 0.0:
+        hs[p] = h
+    return h, xc
+
+
+def run_mixed(impl, x: torch.Tensor, base: torch.Tensor, vera_A_s: torch.Tensor, vera_B_s: torch.Tensor,
+              LD: torch.Tensor, LB: torch.Tensor, row_index: torch.Tensor, ps, *,
+              compute_dtype: Optional[torch.dtype] = None, share=None) -> torch.Tensor:
+    """``base`` plus, on each row (dim 0 of the layer's input), the delta of that row's adapter: a mixed-adapter
+    batch (``vera_kernels.mixed``). LD (K, r) and LB (K, out) stack the lambdas, ``row_index`` (rows,) says which
+    stacked row each batch row uses, ``ps`` the dropout probability per stacked row (None: no adapter there).
+
+    One h = dropout(x) A_s^T serves every row (A is shared by every adapter) when the adapters in the batch have one
+    dropout probability; otherwise one h per distinct probability, each row taking its own (rows of the first one
+    are kept where no adapter runs: their lambdas are zero). Then one ``up_mixed`` node gathers each row's lambdas.
+    ``x``/``base`` as for run_adapters; for the flat backends the rows are contiguous blocks of x's N = rows * T."""
+    hs: dict = {}
+    xc = None
+    rows = row_index.shape[0]
+    distinct = list(dict.fromkeys(p for p in ps if p is not None))
+    h = None
+    for p in distinct:
+        h_p, xc = _h_for(impl, x, xc, vera_A_s, p, share, hs, compute_dtype)
+        if h is None:
+            h = h_p
+            continue
+        with_p = torch.tensor([k for k, q in enumerate(ps) if q == p], dtype=row_index.dtype, device=x.device)
+        take = torch.isin(row_index, with_p).view(rows, 1, 1)
+        h = torch.where(take, h_p.reshape(rows, -1, h.shape[-1]), h.reshape(rows, -1, h.shape[-1])).view(h.shape)
+    tokens_per_row = x.shape[0] // rows if impl.FLAT else None
+    return impl.up_mixed(base, h, vera_B_s, LD, LB, row_index, tokens_per_row)
+
+
 def linear_base(backend: str, impl, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                fan_in_fan_out: bool):
+                fan_in_fan_out: bool, fuse: bool = True):
     """(base, fused_base) for a plain linear base on the backend's input ``x``: base = x W^T + b computed here
     (F.linear, or Conv1D's own addmm on the flattened input, so the reference stays bit-identical to PEFT), or, in
-    the triton backend's fused arrangements, base None and ``fused_base`` for ``run_adapters``."""
+    the triton backend's fused arrangements (unless ``fuse`` is False: mixed batches), base None and ``fused_base``
+    for ``run_adapters``."""
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(
             f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
             + (f", bias is {bias.dtype}" if bias is not None else "")
         )
-    mode = fused_base_mode(backend) if impl.FLAT else None
+    mode = fused_base_mode(backend) if impl.FLAT and fuse else None
     if mode is not None:
         return None, (weight, bias, fan_in_fan_out, mode)
     if not fan_in_fan_out:

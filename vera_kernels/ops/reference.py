@@ -42,6 +42,18 @@ def up(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: to
     return (base + lambda_b * F.linear(lambda_d * h, vera_B_s.to(h.dtype))).to(base.dtype)
 
 
+def up_mixed(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, LD: torch.Tensor, LB: torch.Tensor,
+             row_adapter: torch.Tensor, tokens_per_row=None) -> torch.Tensor:
+    """A mixed-adapter batch the plain way, the yardstick of the others: PEFT's branch (``up``) for each stacked
+    adapter k on the whole batch, kept on the rows (dim 0) that run it. K times the work of one adapter."""
+    y = base
+    take_shape = (row_adapter.shape[0],) + (1,) * (base.dim() - 1)
+    for k in range(LD.shape[0]):
+        rows_k = (row_adapter == k).view(take_shape)
+        y = torch.where(rows_k, up(base, h, vera_B_s, LD[k], LB[k]), y)
+    return y
+
+
 def vera_formula(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, *, fan_in_fan_out=False, keep=None,
                  p: float = 0.0):
     """y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T), differentiable, in x's dtype.

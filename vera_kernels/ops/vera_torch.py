@@ -133,6 +133,71 @@ class VeraUpFunction(torch.autograd.Function):
         return g if need_base else None, grad_h, None, grad_ld, grad_lb
 
 
+class VeraUpMixedFunction(torch.autograd.Function):
+    r"""y = base + lambda_b[a] * ((h * lambda_d[a]) B_s^T) per row: the up node of a mixed-adapter batch
+    (vera_kernels.mixed), each batch row b with its own adapter a = a(b); one node per layer, whatever the number
+    of adapters.
+
+    Shapes: base (N, out), h (N, r) as for VeraUpFunction, N = rows * T (row b owns tokens b*T .. b*T+T-1);
+    LD (K, r) and LB (K, out) the stacked lambdas (float32), row_adapter (rows,) int64 into them. With
+    ld = LD[a(b)] (rows, r) and lb = LB[a(b)] (rows, out) gathered per row (never per token), hd = h * ld and
+    u = hd B_s^T (N, out):
+        forward:   y = base + u * lb                                     (one GEMM, one addcmul)
+    Backward, with g = dL/dy and gb = (g * lb) B_s (N, r):
+        dL/dbase    = g
+        dL/dh       = gb * ld
+        dL/dLD[k]   = sum over rows b with a(b) = k of sum_t gb[b, t] * h[b, t]
+        dL/dLB[k]   = sum over rows b with a(b) = k of sum_t g[b, t] * u[b, t]        (u recomputed: one GEMM)
+    The per-row sums are scattered to the adapters by a one-hot (K x rows) GEMM: a fixed order, deterministic on
+    every device (index_add_ would use atomics on CUDA). A per-adapter g_k^T h_k (K x out x r) is never formed.
+    Saved: h, the row index and references to B_s and the stacked lambdas.
+    """
+
+    @staticmethod
+    def forward(ctx, base, h, vera_B_s, LD, LB, row_adapter, tokens_per_row):
+        ctx.save_for_backward(h, vera_B_s, LD, LB, row_adapter)
+        ctx.tokens_per_row = tokens_per_row
+        rows, cd = row_adapter.shape[0], h.dtype
+        out = vera_B_s.shape[0]
+        ld = LD.index_select(0, row_adapter).unsqueeze(1)  # (rows, 1, r): float32 products, one rounding
+        lb = LB.index_select(0, row_adapter).unsqueeze(1).to(cd)
+        hd = (h.view(rows, tokens_per_row, -1) * ld).to(cd).view(h.shape)
+        u = torch.mm(hd, _as(vera_B_s, cd).t()).view(rows, tokens_per_row, out)
+        if base.dtype == cd:
+            return torch.addcmul(base.view(rows, tokens_per_row, out), u, lb).view(base.shape)
+        # the CPU's float32 branch on a low-precision base: added in float32, one rounding (as VeraUpFunction)
+        return torch.addcmul(base.view(rows, tokens_per_row, out).to(cd), u, lb).to(base.dtype).view(base.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, vera_B_s, LD, LB, row_adapter = ctx.saved_tensors
+        need_base, need_h, _, need_ld, need_lb = ctx.needs_input_grad[:5]
+        rows, T, cd = row_adapter.shape[0], ctx.tokens_per_row, h.dtype
+        out, r = vera_B_s.shape
+        B_c = _as(vera_B_s, cd)
+        gc = _as(g, cd).reshape(rows, T, out)
+        ld = LD.index_select(0, row_adapter).unsqueeze(1)
+        h3 = h.view(rows, T, r)
+        grad_h = grad_ld = grad_lb = None
+        onehot = None
+        if need_ld or need_lb:
+            K = LD.shape[0]
+            onehot = (row_adapter.unsqueeze(0) == torch.arange(K, device=h.device).unsqueeze(1)).to(torch.float32)
+        if need_h or need_ld:
+            lb = LB.index_select(0, row_adapter).unsqueeze(1).to(cd)
+            gb = torch.mm((gc * lb).view(-1, out), B_c).view(rows, T, r)
+            if need_h:
+                grad_h = (gb * ld).to(cd).view(h.shape)
+            if need_ld:
+                per_row = (gb * h3).sum(1, dtype=torch.float32)  # (rows, r)
+                grad_ld = torch.mm(onehot, per_row).to(LD.dtype)
+        if need_lb:
+            u = torch.mm((h3 * ld).to(cd).view(-1, r), B_c.t()).view(rows, T, out)
+            per_row = (gc * u).sum(1, dtype=torch.float32)  # (rows, out)
+            grad_lb = torch.mm(onehot, per_row).to(LB.dtype)
+        return g if need_base else None, grad_h, None, grad_ld, grad_lb, None, None
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -162,6 +227,7 @@ def _apply(fn):
 
 apply_down = _apply(VeraDownFunction)
 apply_up = _apply(VeraUpFunction)
+apply_up_mixed = _apply(VeraUpMixedFunction)
 
 
 # ============================================================================================ public
@@ -187,3 +253,10 @@ def up(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: to
     if fused_base is not None:
         raise ValueError("vera_kernels: the torch backend has no fused base GEMM")
     return apply_up(base, h, vera_B_s, lambda_d, lambda_b)
+
+
+def up_mixed(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, LD: torch.Tensor, LB: torch.Tensor,
+             row_adapter: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
+    """base + per-row adapter deltas (VeraUpMixedFunction): base (N, out), h (N, r), B_s (out, r), LD (K, r) and
+    LB (K, out) float32, row_adapter (rows,) int64 with N = rows * tokens_per_row."""
+    return apply_up_mixed(base, h, vera_B_s, LD, LB, row_adapter, tokens_per_row)

@@ -248,18 +248,56 @@ def _vera_up_kernel(
 
 
 @triton.jit
+def _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M: tl.constexpr, FEW_ROWS: tl.constexpr):
+    """The adapters of a row tile's tokens (token m belongs to batch row m // T), for _row_lambdas.
+
+    FEW_ROWS (T >= BLOCK_M): the tile's tokens lie in at most two batch rows, so (adapter_0, adapter_1, in_first):
+    two scalars and which rows take the first. Else the adapter of every row (int32: the lambda tables are indexed
+    in int32, which the launcher checks; a (rows x cols) int64 offset tile costs as many registers as the
+    accumulator)."""
+    if FEW_ROWS:
+        first_row = (pid_m * BLOCK_M) // T
+        adapter_0 = tl.load(ROW_ADAPTER + first_row).to(tl.int32)
+        adapter_1 = tl.load(ROW_ADAPTER + tl.minimum(first_row + 1, (M - 1) // T)).to(tl.int32)
+        in_first = (offs_m // T) == first_row
+        adapter = adapter_0
+    else:
+        adapter = tl.load(ROW_ADAPTER + offs_m // T, mask=m_mask, other=0).to(tl.int32)
+        adapter_0 = 0
+        adapter_1 = 0
+        in_first = m_mask
+    return adapter, adapter_0, adapter_1, in_first
+
+
+@triton.jit
+def _row_lambdas(TABLE, stride_k, stride_c, cols, c_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                 FEW_ROWS: tl.constexpr):
+    """TABLE[a(m), cols] for a tile's rows (see _tile_adapters): with FEW_ROWS two vector loads and a select (the
+    gathered tile never exists in memory, nor in registers beyond the select), else one load per (row, col)."""
+    if FEW_ROWS:
+        lam_0 = tl.load(TABLE + adapter_0 * stride_k + cols * stride_c, mask=c_mask, other=0.0)
+        lam_1 = tl.load(TABLE + adapter_1 * stride_k + cols * stride_c, mask=c_mask, other=0.0)
+        lam = tl.where(in_first[:, None], lam_0[None, :], lam_1[None, :])
+    else:
+        lam = tl.load(TABLE + (adapter * stride_k)[:, None] + cols[None, :] * stride_c,
+                      mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+    return lam.to(tl.float32)
+
+
+@triton.jit
 def _vera_up_mixed_kernel(
     HH, V, LD, LB, ROW_ADAPTER, BASE, OUT,
     M, N, K, T,
     stride_hm, stride_hk, stride_vk, stride_vn, stride_ldk, stride_ldr, stride_lbk, stride_lbo,
     stride_bm, stride_bn, stride_om, stride_on,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """OUT = BASE + LB[a] * ((HH * LD[a]) V) with a = ROW_ADAPTER[m // T] per row, V = B_s read as (K, N), K = r.
 
     Mixed-adapter up node, forward: lambda_d is gathered per row into the h tile before the dot (prologue), lambda_b
-    per row into the accumulator (epilogue), so no (tokens x out) scale tile or intermediate exists outside the
-    program. B_s is float32 and rounded to the compute dtype tile by tile (K = r: a few iterations)."""
+    per row into the accumulator (epilogue) (_row_lambdas), so no (tokens x out) scale tile or intermediate exists
+    outside the program. B_s is float32 and rounded to the compute dtype tile by tile (K = r: a few iterations)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -271,26 +309,27 @@ def _vera_up_mixed_kernel(
     cols = offs_n.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    adapter = tl.load(ROW_ADAPTER + offs_m // T, mask=m_mask, other=0).to(tl.int64)
+    adapter, adapter_0, adapter_1, in_first = _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M,
+                                                             FEW_ROWS)
     h_ptrs = HH + rows[:, None] * stride_hm + offs_k[None, :].to(tl.int64) * stride_hk
-    ld_ptrs = LD + adapter[:, None] * stride_ldk + offs_k[None, :].to(tl.int64) * stride_ldr
     v_ptrs = V + offs_k[:, None].to(tl.int64) * stride_vk + cols[None, :] * stride_vn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
         mk_mask = m_mask[:, None] & k_mask[None, :]
         hh = tl.load(h_ptrs, mask=mk_mask, other=0.0)
-        ld = tl.load(ld_ptrs, mask=mk_mask, other=0.0)
+        ld = _row_lambdas(LD, stride_ldk, stride_ldr, k0 + offs_k, k_mask, m_mask, adapter, adapter_0, adapter_1,
+                          in_first, FEW_ROWS)
         v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         hl = (hh.to(tl.float32) * ld).to(HH.dtype.element_ty)  # one rounding of h * lambda_d, as a folded R has
         acc = _mma(hl, v.to(HH.dtype.element_ty), acc, PRECISION)
         h_ptrs += BLOCK_K * stride_hk
-        ld_ptrs += BLOCK_K * stride_ldr
         v_ptrs += BLOCK_K * stride_vk
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    lb = tl.load(LB + adapter[:, None] * stride_lbk + cols[None, :] * stride_lbo, mask=mn_mask, other=0.0)
+    lb = _row_lambdas(LB, stride_lbk, stride_lbo, offs_n, n_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                      FEW_ROWS)
     base = tl.load(BASE + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=mn_mask, other=0.0)
-    y = base.to(tl.float32) + lb.to(tl.float32) * acc  # float32 sum, one rounding to the base's dtype
+    y = base.to(tl.float32) + lb * acc  # float32 sum, one rounding to the base's dtype
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(OUT.dtype.element_ty), mask=mn_mask)
 
 
@@ -300,7 +339,8 @@ def _vera_up_mixed_grad_h_kernel(
     M, N, K, T,
     stride_gm, stride_gk, stride_wk, stride_wn, stride_ldk, stride_ldr, stride_lbk, stride_lbo,
     stride_om, stride_on,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """OUT = ((G * LB[a]) W) * LD[a] with a = ROW_ADAPTER[m // T] per row, W = B_s read as (K, N) (K = out, N = r).
 
@@ -318,24 +358,25 @@ def _vera_up_mixed_grad_h_kernel(
     cols = offs_n.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    adapter = tl.load(ROW_ADAPTER + offs_m // T, mask=m_mask, other=0).to(tl.int64)
+    adapter, adapter_0, adapter_1, in_first = _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M,
+                                                             FEW_ROWS)
     g_ptrs = G + rows[:, None] * stride_gm + offs_k[None, :].to(tl.int64) * stride_gk
-    lb_ptrs = LB + adapter[:, None] * stride_lbk + offs_k[None, :].to(tl.int64) * stride_lbo
     w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
         mk_mask = m_mask[:, None] & k_mask[None, :]
         g = tl.load(g_ptrs, mask=mk_mask, other=0.0)
-        lb = tl.load(lb_ptrs, mask=mk_mask, other=0.0)
+        lb = _row_lambdas(LB, stride_lbk, stride_lbo, k0 + offs_k, k_mask, m_mask, adapter, adapter_0, adapter_1,
+                          in_first, FEW_ROWS)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         gl = (g.to(tl.float32) * lb).to(OUT.dtype.element_ty)
         acc = _mma(gl, w.to(OUT.dtype.element_ty), acc, PRECISION)
         g_ptrs += BLOCK_K * stride_gk
-        lb_ptrs += BLOCK_K * stride_lbo
         w_ptrs += BLOCK_K * stride_wk
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    ld = tl.load(LD + adapter[:, None] * stride_ldk + cols[None, :] * stride_ldr, mask=mn_mask, other=0.0)
+    ld = _row_lambdas(LD, stride_ldk, stride_ldr, offs_n, n_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                      FEW_ROWS)
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, (acc * ld).to(OUT.dtype.element_ty),
              mask=mn_mask)
 
@@ -439,7 +480,7 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     registers, so masked tiles are kept to <= 32 elements per thread: the masked x tile of "down" (BLOCK_M x BLOCK_K)
     and the masked output tile of "up" (BLOCK_M x BLOCK_N, backward only).
     """
-    down_like = kind in ("down", "up_mixed_grad_h")  # (M x r) outputs with a long K
+    down_like = kind in ("down", "up_mixed_grad_h", "up_mixed_grad_h_gather")  # (M x r) outputs with a long K
     if device.type != "cuda":
         if kind == "up_mixed_lambdas":
             return dict(BLOCK_T=16, BLOCK_O=32, BLOCK_R=16)
@@ -449,14 +490,23 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
         if not wide:
             return dict(BLOCK_T=32, BLOCK_O=64, BLOCK_R=min(64, _pow2_at_least(N)), num_warps=4, num_stages=2)
         return dict(BLOCK_T=64, BLOCK_O=128, BLOCK_R=min(128, _pow2_at_least(N)), num_warps=8, num_stages=3)
+    # The mixed-adapter kinds: "_gather" when batch rows are shorter than BLOCK_M (see _mixed_config), whose
+    # per-(row, col) lambda tiles hold a float32 value and an offset per element: smaller tiles (ieee fp32's FMA dot
+    # spills at 64 x 64 on sm_80 with them).
+    if kind == "up_mixed_gather":
+        return dict(BLOCK_M=64, BLOCK_N=64 if wide else 32, BLOCK_K=min(64 if wide else 32, _pow2_at_least(K)),
+                    num_warps=4, num_stages=2)
+    if kind == "up_mixed_grad_h_gather":
+        return dict(BLOCK_M=64, BLOCK_N=min(64 if wide else 32, _pow2_at_least(N)), BLOCK_K=32, num_warps=4,
+                    num_stages=3 if wide else 2)
     if not wide:
         return dict(BLOCK_M=64, BLOCK_N=64 if not down_like else min(64, _pow2_at_least(N)), BLOCK_K=32,
                     num_warps=4, num_stages=2)
-    if kind == "up_mixed_grad_h":  # the down kernel's tiles; g's and B_s's tiles arrive with a float32 lambda_b tile
+    if kind == "up_mixed_grad_h":  # the down kernel's tiles; each g tile is scaled by a lambda_b tile before the dot
         bm = 128 if M >= 2048 else 64
         bn = min(128, _pow2_at_least(N))
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8 if bm * bn >= 64 * 128 else 4, num_stages=3)
-    if kind == "up_mixed":  # the up kernel's tiles, plus gathered lambda tiles
+    if kind == "up_mixed":  # the up kernel's tiles; lambda_d scales each h tile, lambda_b the accumulator
         bm = 128 if M >= 1024 else 64
         bn = 64 if K <= 16 else 128
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(64, _pow2_at_least(K)),
@@ -569,6 +619,23 @@ def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
     return out, dlb
 
 
+def _check_int32_tables(*tables: torch.Tensor) -> None:
+    """The mixed kernels index the stacked lambdas with int32 offsets (fewer registers for their gathered tiles)."""
+    for t in tables:
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n) >= 2**31:
+            raise ValueError(f"vera_kernels: stacked lambdas of shape {tuple(t.shape)} are too large for up_mixed")
+
+
+def _mixed_config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                  tokens_per_row: int) -> tuple[dict, bool]:
+    """(blocks, FEW_ROWS) of a mixed-adapter kernel: FEW_ROWS when a row tile's tokens lie in at most two batch rows
+    (tokens_per_row >= BLOCK_M: training batches), else the per-row gather's (smaller) tiles."""
+    cfg = _config(kind, M, N, K, dtype, device)
+    if tokens_per_row < cfg["BLOCK_M"]:
+        cfg = _config(kind + "_gather", M, N, K, dtype, device)
+    return cfg, tokens_per_row >= cfg["BLOCK_M"]
+
+
 def vera_up_mixed(base, h, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
     """y = base + LB[a] * ((h * LD[a]) B_s^T) per token, a = row_adapter[token // tokens_per_row]: one launch
     reading base, h, B_s and the lambdas and writing y (in base's dtype)."""
@@ -577,14 +644,15 @@ def vera_up_mixed(base, h, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row)
     out = torch.empty((M, N), device=base.device, dtype=base.dtype)
     if M == 0 or N == 0:
         return out
-    cfg = _config("up_mixed", M, N, K, h.dtype, h.device)
+    _check_int32_tables(lambda_d, lambda_b)
+    cfg, few_rows = _mixed_config("up_mixed", M, N, K, h.dtype, h.device, tokens_per_row)
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     launch(_vera_up_mixed_kernel, grid,
         h, B_s, lambda_d, lambda_b, row_adapter, base, out,
         M, N, K, tokens_per_row,
         h.stride(0), h.stride(1), B_s.stride(1), B_s.stride(0), lambda_d.stride(0), lambda_d.stride(1),
         lambda_b.stride(0), lambda_b.stride(1), base.stride(0), base.stride(1), out.stride(0), out.stride(1),
-        PRECISION=_precision(h.dtype), **cfg,
+        FEW_ROWS=few_rows, PRECISION=_precision(h.dtype), **cfg,
     )
     return out
 
@@ -596,14 +664,15 @@ def vera_up_mixed_grad_h(g, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row
     out = torch.empty((M, N), device=g.device, dtype=dtype)
     if M == 0 or N == 0:
         return out
-    cfg = _config("up_mixed_grad_h", M, N, K, dtype, g.device)
+    _check_int32_tables(lambda_d, lambda_b)
+    cfg, few_rows = _mixed_config("up_mixed_grad_h", M, N, K, dtype, g.device, tokens_per_row)
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
     launch(_vera_up_mixed_grad_h_kernel, grid,
         g, B_s, lambda_d, lambda_b, row_adapter, out,
         M, N, K, tokens_per_row,
         g.stride(0), g.stride(1), B_s.stride(0), B_s.stride(1), lambda_d.stride(0), lambda_d.stride(1),
         lambda_b.stride(0), lambda_b.stride(1), out.stride(0), out.stride(1),
-        PRECISION=_precision(dtype), **cfg,
+        FEW_ROWS=few_rows, PRECISION=_precision(dtype), **cfg,
     )
     return out
 

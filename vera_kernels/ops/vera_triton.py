@@ -21,15 +21,28 @@ Kernels:
                         the same reads of B_s dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k], with g^T h
                         (out, r) from one cuBLAS GEMM, never (N x out). dlambda_d = the column sums of the down
                         kernel's per-tile partials.
+    _vera_up_mixed_kernel  the mixed-adapter up node (each batch row its own adapter, the lambdas stacked (K, r) and
+                        (K, out)): y = base + LB[a] * ((h * LD[a]) B_s^T), the lambdas gathered per row in the
+                        prologue (into each h tile) and the epilogue (into the accumulator).
+    _vera_up_mixed_grad_h_kernel  its backward's grad_h = ((g * LB[a]) B_s) * LD[a], gathered the same way.
+                        In both, when batch rows are at least a row tile long (training), a tile's tokens lie in at
+                        most two rows and each gathered lambda tile is two vectors and a select (FEW_ROWS); shorter
+                        rows gather per (row, col), with smaller tiles.
+    _vera_mixed_lambda_grad_kernel  its backward's lambda gradients, per adapter, from G_k = g_k^T h_k formed tile by
+                        tile over the adapter's tokens (batch rows sorted by adapter) and reduced both ways in the
+                        epilogue into per-program partials (never K x out x r); the partials' sums are the gradients.
 Launches per layer (no dropout): forward none (aten folds R, cuBLAS runs x A_s^T once per input and h R^T into the
 base output); backward 2 Triton (scale_projection, down) + cuBLAS's g^T h + the partials' column sum, and cuBLAS's
 grad_h A_s once per input. With dropout the down node is the down kernel (forward) and the up kernel (backward), and
 one small kernel draws the seed on the device (vera_kernels.ops.draw_dropout_seed), which the kernels read there.
+Mixed-adapter up node: forward 1 Triton launch (nothing materialised besides y); backward 2 Triton (grad_h;
+lambda gradients) + a sort and a searchsorted of the (batch rows,) adapter ids and the partials' two sums.
 A Triton launch costs the host several torch ops (bench/host_overhead.py), which is what small (host-bound) steps
 pay for: launches are only used where they save GPU time (a fused mask, fused reductions) or hold the fused base GEMM.
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast); B and
 the lambdas are float32, folded into small operands; every dot accumulates in float32, so tiles go from memory to
-the tensor cores with no conversion in the main loops.
+the tensor cores with no conversion in the main loops (except in the mixed-adapter kernels, whose per-row lambdas
+cannot be folded into one operand: they scale the h or g tile and round B_s's float32 tile in the loop).
 """
 
 from __future__ import annotations

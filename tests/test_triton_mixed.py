@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from triton_cases import mixed_inputs, mixed_yardstick
+
 vt = pytest.importorskip("vera_kernels.ops.vera_triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,50 +44,14 @@ CASES = {
 }
 
 
-def _rand(gen, *shape, scale=1.0):
-    return torch.randn(*shape, generator=gen) * scale
-
-
-def make_inputs(case, dtype, *, seed=0, strided=False, zero_adapter=None, zero=("LD", "LB")):
-    """(base, h, B_s, LD, LB, row_adapter, T) on DEVICE; base, h, LD, LB require grad. Fresh random values, never
-    zero; B_s is a row slice of a larger shared B (float32). ``strided``: base, h and B_s are column-strided views,
-    h transposed too. ``zero_adapter``: that adapter's rows of the lambdas named in ``zero`` are zeros (both: the
-    "no adapter" row)."""
+def make_inputs(case, dtype, *, seed=0, **layout):
+    """(base, h, B_s, LD, LB, row_adapter, T) on DEVICE for one of CASES (see triton_cases.mixed_inputs)."""
     n_rows, T, n_out, r, K, rows = CASES[case]
-    N = n_rows * T
-    gen = torch.Generator().manual_seed(seed)
-    if strided:  # cast first, then sliced: the views reach the op
-        base = _rand(gen, N, 2 * n_out).to(DEVICE, dtype)[:, ::2]
-        h = _rand(gen, 2 * r, N).to(DEVICE, dtype)[::2].t()
-        B = _rand(gen, n_out + 5, 2 * r, scale=(6 / r) ** 0.5).to(DEVICE)[:, ::2]
-        assert not base.is_contiguous() and not h.is_contiguous() and not B.is_contiguous()
-    else:
-        base = _rand(gen, N, n_out).to(DEVICE, dtype)
-        h = _rand(gen, N, r).to(DEVICE, dtype)
-        B = _rand(gen, n_out + 5, r, scale=(6 / r) ** 0.5).to(DEVICE)
-    LD = _rand(gen, K, r)
-    LB = _rand(gen, K, n_out)
-    if zero_adapter is not None:
-        for name, lam in (("LD", LD), ("LB", LB)):
-            if name in zero:
-                lam[zero_adapter] = 0.0
-    base.requires_grad_(True)
-    h.requires_grad_(True)
-    B_s = B[:n_out]
-    LD, LB = LD.to(DEVICE).requires_grad_(True), LB.to(DEVICE).requires_grad_(True)
-    row_adapter = torch.tensor(rows, dtype=torch.int64, device=DEVICE)
-    return base, h, B_s, LD, LB, row_adapter, T
-
-
-def reference(base, h, B_s, LD, LB, row_adapter, T, dtype):
-    """The formula in plain torch, every operand in ``dtype``, lambdas gathered per token."""
-    a = row_adapter.repeat_interleave(T)
-    LD_t, LB_t = LD.to(dtype)[a], LB.to(dtype)[a]
-    return base.to(dtype) + LB_t * ((h.to(dtype) * LD_t) @ B_s.to(dtype).t())
+    return mixed_inputs(n_rows, T, n_out, r, K, dtype, device=DEVICE, seed=seed, rows=rows, **layout)
 
 
 def _grad_out(y, seed=7):
-    return _rand(torch.Generator().manual_seed(seed), *y.shape).to(DEVICE, y.dtype)
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, y.dtype)
 
 
 def run_ours(base, h, B_s, LD, LB, row_adapter, T, g):
@@ -94,10 +60,7 @@ def run_ours(base, h, B_s, LD, LB, row_adapter, T, g):
 
 
 def run_reference(base, h, B_s, LD, LB, row_adapter, T, g, dtype):
-    ins = [t.detach().to(dtype if t.dtype != torch.float32 or dtype == torch.float64 else torch.float32)
-           .requires_grad_(True) for t in (base, h, LD, LB)]
-    y = reference(ins[0], ins[1], B_s, ins[2], ins[3], row_adapter, T, dtype)
-    return [y] + list(torch.autograd.grad(y, ins, g.to(y.dtype)))
+    return mixed_yardstick((base, h, B_s, LD, LB, row_adapter, T), g, dtype)
 
 
 NAMES = ["y", "grad_base", "grad_h", "grad_LD", "grad_LB"]

@@ -706,7 +706,8 @@ def _lambda_grad_splits(n_tokens: int, n_adapters: int, n_tiles: int, device: to
 
 def vera_mixed_lambda_grads(g, h, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
     """(dlambda_d (K, r), dlambda_b (K, out)) in float32, per adapter k over the tokens of the batch rows using it:
-        dlambda_d[k, j] = sum_o B_s[o, j] lambda_b[k, o] G_k[o, j],  dlambda_b[k, o] = sum_j B_s[o, j] lambda_d[k, j] G_k[o, j]
+        dlambda_d[k, j] = sum_o B_s[o, j] lambda_b[k, o] G_k[o, j]
+        dlambda_b[k, o] = sum_j B_s[o, j] lambda_d[k, j] G_k[o, j]
     with G_k = g_k^T h_k formed tile by tile in one launch (never stored: K x out x r). Deterministic: the batch rows
     are ordered by a stable sort, every program reduces its tokens in order and writes its own partial, and the
     partials are summed in a fixed order; an adapter without rows gets zeros."""

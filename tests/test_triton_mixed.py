@@ -113,6 +113,21 @@ def test_zero_lambda_rows_are_adapters_like_any_other(dtype, atol, rtol, zero):
     assert bool((grad_LB[2] == 0).all()) == ("LD" in zero)
 
 
+def test_branch_dtype_apart_from_the_base_dtype():
+    """h in float32 on a float16 base (a float32 branch, as the torch backend computes on the CPU): y in the base's
+    dtype (float32 sum, one rounding), grad_h in h's, the lambda gradients float32."""
+    base, h, B_s, LD, LB, row_adapter, T = make_inputs("odd", torch.float16, seed=4)
+    h = h.detach().float().requires_grad_(True)
+    g = _grad_out(base)
+    y, grad_base, grad_h, grad_LD, grad_LB = run_ours(base, h, B_s, LD, LB, row_adapter, T, g)
+    assert (y.dtype, grad_h.dtype, grad_LD.dtype, grad_LB.dtype) == (torch.float16, torch.float32, torch.float32,
+                                                                      torch.float32)
+    truth = run_reference(base, h, B_s, LD, LB, row_adapter, T, g, torch.float64)
+    for name, o, tr in zip(NAMES, [y, grad_base, grad_h, grad_LD, grad_LB], truth):
+        err = (o.double() - tr).norm().item() / (tr.norm().item() or 1.0)
+        assert err <= (1e-3 if name == "y" else 2e-6 if name == "grad_base" else 1e-5), (name, err)
+
+
 def test_adapters_without_rows_get_zero_gradients():
     inputs = make_inputs("odd", torch.float32)  # adapter 1 has no rows
     _, _, _, grad_LD, grad_LB = run_ours(*inputs, _grad_out(inputs[0]))

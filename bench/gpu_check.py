@@ -7,7 +7,8 @@ Phases
      on-disk cache): triton vs a float64 evaluation of the formula, forward and every gradient, on odd shapes, slices,
      strided and 3-D inputs, Conv1D layout, bias/no bias, dropout (mask regenerated from the seed), N = 0, each of the
      three base-GEMM arrangements (cuBLAS then update, update then cuBLAS accumulating, fused Triton GEMM),
-     deterministic and atomic reductions. Each error is judged against PyTorch's own error
+     deterministic and atomic reductions; the mixed-adapter up node (vera_triton.up_mixed: forward, every gradient,
+     a bit-identical rerun). Each error is judged against PyTorch's own error
      in that dtype (the same formula in plain torch ops, vs float64). Outputs are poisoned (freed NaN memory is reused).
      Plus a > 2**31-element input (64-bit offsets), torch.compile(fullgraph=True) of a patched layer, dropout in a
      captured CUDA graph (a fresh mask per replay, each checked against its own seed) and under activation
@@ -18,7 +19,8 @@ Phases
      trimmed copy in .gpu_carry/ to carry to the device).
   B  layer benchmark (bf16): frozen nn.Linear, PEFT's VeRA, our reference/torch/triton (three base arrangements), at
      the issue's shapes; fwd+bwd time (CUDA events via triton.testing.do_bench, medians, implementations alternated,
-     inputs rotated), saved activation bytes, peak memory.
+     inputs rotated), saved activation bytes, peak memory; the kernel breakdown; the mixed-adapter up node with 64
+     adapters and with one, against the plain up node.
   C  model benchmark: `python -m vera_kernels.bench --device cuda --model llama-1b --quick` (time-boxed).
 Everything printed is measured in this run; the JSON lands in $OUT (or bench/results/) when set.
 
@@ -225,6 +227,112 @@ def run_case(dtype_name, N, fin, fout, r, in_max, out_max, fifo=False, bias=True
     return ok, rows_out
 
 
+def mixed_correctness_cases(smoke: bool):
+    """(name, kwargs) of the mixed-adapter up node's cases (vera_triton.up_mixed): rows longer than a row tile (the
+    two-rows-per-tile path) and shorter (the per-row gather), adapters without rows, a zero lambda row, strided
+    views; tiny on the CPU smoke run."""
+    if smoke:
+        return [("mixed-odd", dict(n_rows=5, T=7, n_out=37, r=19, K=4, rows=[2, 0, 2, 3, 2], zero_adapter=3)),
+                ("mixed-long-rows", dict(n_rows=3, T=40, n_out=70, r=40, K=2, rows=[1, 0, 1], strided=True))]
+    return [
+        ("mixed-train", dict(n_rows=8, T=300, n_out=2048, r=256, K=64)),  # most of the 64 adapters without rows
+        ("mixed-odd", dict(n_rows=5, T=77, n_out=777, r=63, K=4, rows=[2, 0, 2, 3, 2], zero_adapter=3)),
+        ("mixed-T=1", dict(n_rows=333, T=1, n_out=1000, r=32, K=7)),
+        ("mixed-strided", dict(n_rows=6, T=129, n_out=513, r=64, K=3, strided=True)),
+        ("mixed-K=1", dict(n_rows=2, T=1024, n_out=1024, r=128, K=1)),
+    ]
+
+
+def run_mixed_case(dtype_name, n_rows, T, n_out, r, K, rows=None, strided=False, zero_adapter=None, device="cuda"):
+    """One mixed-adapter up-node case: y and every gradient against float64, judged as run_case judges."""
+    import torch
+
+    from vera_kernels.ops import vera_triton as vt
+
+    from triton_cases import mixed_inputs, mixed_yardstick
+
+    dtype = _dt(dtype_name)
+    dev = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(n_rows * 7919 + T * 31 + n_out + r + K)
+    inputs = mixed_inputs(n_rows, T, n_out, r, K, dtype, device=dev, generator=gen, rows=rows, strided=strided,
+                          zero_adapter=zero_adapter)
+    base, h, B_s, LD, LB, row_adapter, _ = inputs
+    g = torch.randn(base.shape, generator=gen).to(dev, dtype)
+    _poison(dev)
+    y = vt.up_mixed(*inputs)
+    _poison(dev)
+    ours = [y] + list(torch.autograd.grad(y, [base, h, LD, LB], g))
+    truth, theirs = mixed_yardstick(inputs, g, torch.float64), mixed_yardstick(inputs, g, dtype)
+    rows_out, ok = [], True
+    for name, o, th, tr in zip(["y", "base", "h", "LD", "LB"], ours, theirs, truth):
+        denom = tr.norm().item() or 1.0
+        err = (o.double() - tr).norm().item() / denom
+        base_err = (th.double() - tr).norm().item() / denom
+        finite = bool(torch.isfinite(o).all())
+        tol = max(TOL_FACTOR * base_err, TOL_FLOOR[dtype_name])
+        passed = finite and err <= tol
+        ok &= passed
+        rows_out.append(dict(tensor=name, err=err, torch_err=base_err, tol=tol, finite=finite, ok=passed))
+    again = vt.up_mixed(*inputs)  # deterministic: the same bits again, gradients included
+    again = [again] + list(torch.autograd.grad(again, [base, h, LD, LB], g))
+    same = all(torch.equal(a, b) for a, b in zip(ours, again))
+    rows_out.append(dict(tensor="rerun bit-identical", err=0.0 if same else 1.0, torch_err=0.0, tol=0.0,
+                         finite=True, ok=same))
+    return ok and same, rows_out
+
+
+def mixed_bench(smoke: bool = False, tokens=8192, n_out=4096, r=256):
+    """fwd+bwd of the up node at one shape, bf16: the plain single-adapter up (vt.up) against up_mixed with one
+    adapter and with 64, 64 batch rows of tokens/64 (both up_mixed rows through the same function). ``smoke``:
+    tiny fp16 shapes on the CPU (interpreter), one timed call each: keeps the code working."""
+    import torch
+
+    from vera_kernels.ops import vera_triton as vt
+
+    if smoke:
+        tokens, n_out, r = 64, 40, 16
+
+        def do_bench(fn, **_):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        from triton.testing import do_bench
+    dev, dt = (torch.device("cpu"), torch.float16) if smoke else (torch.device("cuda"), torch.bfloat16)
+    n_rows = 64
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(tokens, n_out, generator=gen).to(dev, dt).requires_grad_(True)
+    h = torch.randn(tokens, r, generator=gen).to(dev, dt).requires_grad_(True)
+    B_s = (torch.randn(n_out, r, generator=gen) * r**-0.5).to(dev)
+    g = torch.randn(tokens, n_out, generator=gen).to(dev, dt)
+    ld, lb = torch.randn(r, device=dev, requires_grad=True), torch.randn(n_out, device=dev, requires_grad=True)
+    LD64 = torch.randn(64, r, generator=gen).to(dev).requires_grad_(True)
+    LB64 = torch.randn(64, n_out, generator=gen).to(dev).requires_grad_(True)
+    rows64 = torch.arange(n_rows, device=dev) % 64
+    LD1, LB1 = ld.detach()[None].clone().requires_grad_(True), lb.detach()[None].clone().requires_grad_(True)
+    rows1 = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    T = tokens // n_rows
+
+    def fwd_bwd(fn, params):
+        return lambda: torch.autograd.grad(fn(), params, g)
+
+    cases = [
+        ("up (one adapter, plain)", lambda: vt.up(base, h, B_s, ld, lb), [base, h, ld, lb]),
+        ("up_mixed, K=1", lambda: vt.up_mixed(base, h, B_s, LD1, LB1, rows1, T), [base, h, LD1, LB1]),
+        ("up_mixed, K=64", lambda: vt.up_mixed(base, h, B_s, LD64, LB64, rows64, T), [base, h, LD64, LB64]),
+    ]
+    print(f"\nMixed-adapter up node, {dt}, tokens={tokens} ({n_rows} rows of {T}), out={n_out}, r={r}")
+    print(f"{'':>26} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+    out = []
+    for name, fn, params in cases:
+        with torch.no_grad():
+            t_f = do_bench(fn, warmup=10, rep=40, return_mode="median")
+        t_fb = do_bench(fwd_bwd(fn, params), warmup=10, rep=40, return_mode="median")
+        print(f"{name:>26} {t_f:8.4f} {t_fb:11.4f}")
+        out.append(dict(case=name, fwd_ms=t_f, fwd_bwd_ms=t_fb))
+    return out
+
+
 CARRIED_SITE = os.path.join(ROOT, ".gpu_carry", "site")  # `make gpu-carry`: a trimmed bitsandbytes for the GPU image
 
 
@@ -310,6 +418,15 @@ def phase_a_worker(dtype_name: str, smoke: bool, out_path: str):
             ok, rows = run_case(dtype_name, device=device, **kw)
             results.append(dict(case=name, dtype=dtype_name, ok=ok, rows=rows, s=time.time() - t0))
         except Exception as exc:  # a failing case must not hide the others
+            results.append(dict(_failure(exc, 2000), case=name, dtype=dtype_name, s=time.time() - t0))
+    for name, kw in mixed_correctness_cases(smoke):
+        if smoke and dtype_name == "bfloat16":
+            break
+        t0 = time.time()
+        try:
+            ok, rows = run_mixed_case(dtype_name, device=device, **kw)
+            results.append(dict(case=name, dtype=dtype_name, ok=ok, rows=rows, s=time.time() - t0))
+        except Exception as exc:
             results.append(dict(_failure(exc, 2000), case=name, dtype=dtype_name, s=time.time() - t0))
     with open(out_path, "w") as f:
         json.dump(results, f)
@@ -807,6 +924,7 @@ def main():
               if on_gpu else
               (("offsets64-smoke", lambda: big_offsets_check(smoke=True)),
                ("breakdown-smoke", lambda: dict(ok=bool(kernel_breakdown(64, 48, 40, 16, smoke=True)))),
+               ("mixed-bench-smoke", lambda: dict(ok=bool(mixed_bench(smoke=True)))),
                ("compile", lambda: compile_check("cpu")),
                ("cuda-graph-dropout-smoke", lambda: cuda_graph_dropout_check(smoke=True)),
                ("checkpoint-dropout-smoke", lambda: checkpoint_dropout_check(smoke=True))))
@@ -893,6 +1011,12 @@ def main():
                 print("kernel breakdown failed:", exc)
                 traceback.print_exc()
             torch.cuda.empty_cache()
+        try:
+            report["mixed_bench"] = mixed_bench()
+        except Exception as exc:
+            print("mixed-adapter bench failed:", exc)
+            traceback.print_exc()
+        torch.cuda.empty_cache()
     print(f"(phase B {time.time() - t0:.0f} s)", flush=True)
     dump()
 

@@ -61,3 +61,58 @@ def checkpointed_dropout_grads(backend: str, device, use_reentrant: bool, dtype=
 
     return dict(plain=grads(block), checkpointed=grads(lambda t: checkpoint(block, t, use_reentrant=use_reentrant)),
                 other_seed=grads(block, seed=12))
+
+
+def mixed_inputs(n_rows, T, n_out, r, K, dtype, *, device, seed=0, generator=None, rows=None, strided=False,
+                 zero_adapter=None, zero=("LD", "LB")):
+    """(base, h, B_s, LD, LB, row_adapter, T) of one mixed-adapter up-node case (vera_triton.up_mixed), drawn from
+    ``generator`` (a CPU generator) or a fresh one seeded with ``seed``: fresh random values, never zero.
+
+    base (N, out) and h (N, r) in ``dtype`` require grad, N = n_rows * T; B_s (out, r) float32 is a row slice of a
+    larger shared B (frozen); LD (K, r) and LB (K, out) float32 require grad. ``rows``: each batch row's adapter
+    (default: drawn uniformly from [0, K)). ``strided``: base, h and B_s are column-strided views (h transposed too).
+    ``zero_adapter``: that adapter's rows of the lambdas named in ``zero`` are zeros (both: the "no adapter" row)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    N = n_rows * T
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    if strided:  # cast first, then sliced: the views reach the op
+        base = rnd(N, 2 * n_out).to(device, dtype)[:, ::2]
+        h = rnd(2 * r, N).to(device, dtype)[::2].t()
+        B = rnd(n_out + 5, 2 * r, scale=(6 / r) ** 0.5).to(device)[:, ::2]
+    else:
+        base = rnd(N, n_out).to(device, dtype)
+        h = rnd(N, r).to(device, dtype)
+        B = rnd(n_out + 5, r, scale=(6 / r) ** 0.5).to(device)
+    LD, LB = rnd(K, r), rnd(K, n_out)
+    if zero_adapter is not None:
+        for name, lam in (("LD", LD), ("LB", LB)):
+            if name in zero:
+                lam[zero_adapter] = 0.0
+    if rows is None:
+        rows = torch.randint(0, K, (n_rows,), generator=gen).tolist()
+    row_adapter = torch.tensor(rows, dtype=torch.int64, device=device)
+    return (base.requires_grad_(True), h.requires_grad_(True), B[:n_out], LD.to(device).requires_grad_(True),
+            LB.to(device).requires_grad_(True), row_adapter, T)
+
+
+def mixed_up_formula(base, h, B_s, LD, LB, row_adapter, T):
+    """y[n] = base[n] + LB[a] * ((h[n] * LD[a]) B_s^T), a = row_adapter[n // T], in plain torch, differentiable,
+    every operand in base's dtype, the lambdas gathered per token. On float64 tensors the exact reference; on
+    low-precision ones plain PyTorch in that dtype (whose error the kernels are judged against)."""
+    dtype = base.dtype
+    a = row_adapter.repeat_interleave(T)
+    return base + LB.to(dtype)[a] * ((h.to(dtype) * LD.to(dtype)[a]) @ B_s.to(dtype).t())
+
+
+def mixed_yardstick(inputs, g, dtype):
+    """[y, dL/dbase, dL/dh, dL/dLD, dL/dLB] of mixed_up_formula for ``inputs`` (as mixed_inputs returns them) and
+    dL/dy = ``g``, with base, h and the lambdas in ``dtype``."""
+    base, h, B_s, LD, LB, row_adapter, T = inputs
+    ins = [t.detach().to(dtype).requires_grad_(True) for t in (base, h, LD, LB)]
+    y = mixed_up_formula(ins[0], ins[1], B_s, ins[2], ins[3], row_adapter, T)
+    if not y.numel():
+        return [y] + [torch.zeros_like(t) for t in ins]
+    return [y] + list(torch.autograd.grad(y, ins, g.to(y.dtype)))

@@ -5,9 +5,9 @@ interpreter test and still fail to compile on a GPU (an H100 run once lost the t
 that only triton 3.6's code generator raised), or compile and then be refused at launch for asking more shared memory
 than the card has. This script catches both without a GPU:
 
-1. It drives the backend's own launchers (the down and up nodes' ``_*_impl`` and ``dropout_keep_mask``) on meta tensors of
-   GPU-sized shapes, with the block-size heuristic answering as it does for CUDA tensors, and records every launch
-   (kernel, arguments, constexprs, warps, stages) instead of running it.
+1. It drives the backend's own launchers (the down, up and mixed-adapter up nodes' ``_*_impl`` and
+   ``dropout_keep_mask``) on meta tensors of GPU-sized shapes, with the block-size heuristic answering as it does
+   for CUDA tensors, and records every launch (kernel, arguments, constexprs, warps, stages) instead of running it.
 2. It compiles each distinct launch through the JIT (``run(..., warmup=True)``, which compiles and does not launch)
    with a stand-in driver that names an sm_80 or sm_90 target: Triton's bundled LLVM and ptxas need no GPU. It reads
    registers, local memory (spills) and shared memory of each kernel.
@@ -206,6 +206,13 @@ def _drive(vt, dtype, M, K, N, r):
                             b if fused else None, False, base_gemm)
     for need_lambdas in (True, False):
         vt._up_bwd_impl(g, h, B, ld, lb, need_lambdas)
+    # the mixed-adapter up node, 64 adapters' stacked lambdas: 16 batch rows (training: rows longer than a tile) and
+    # one token per row (the per-row gather), or one row when the tokens do not split
+    LD, LB = torch.empty(64, r, device="meta"), torch.empty(64, N, device="meta")
+    for n_rows in (16, M) if M % 16 == 0 else (1, M):
+        row_adapter = torch.empty(n_rows, dtype=torch.int64, device="meta")
+        vt._up_mixed_fwd_impl(g, h, B, LD, LB, row_adapter, M // n_rows)
+        vt._up_mixed_bwd_impl(g, h, B, LD, LB, row_adapter, M // n_rows, True, True)
 
 
 # ============================================================================================ compiling

@@ -21,15 +21,28 @@ Kernels:
                         the same reads of B_s dlambda_b[o] = sum_k B_s[o,k] lambda_d[k] (g^T h)[o,k], with g^T h
                         (out, r) from one cuBLAS GEMM, never (N x out). dlambda_d = the column sums of the down
                         kernel's per-tile partials.
+    _vera_up_mixed_kernel  the mixed-adapter up node (each batch row its own adapter, the lambdas stacked (K, r) and
+                        (K, out)): y = base + LB[a] * ((h * LD[a]) B_s^T), the lambdas gathered per row in the
+                        prologue (into each h tile) and the epilogue (into the accumulator).
+    _vera_up_mixed_grad_h_kernel  its backward's grad_h = ((g * LB[a]) B_s) * LD[a], gathered the same way.
+                        In both, when batch rows are at least a row tile long (training), a tile's tokens lie in at
+                        most two rows and each gathered lambda tile is two vectors and a select (FEW_ROWS); shorter
+                        rows gather per (row, col), with smaller tiles.
+    _vera_mixed_lambda_grad_kernel  its backward's lambda gradients, per adapter, from G_k = g_k^T h_k formed tile by
+                        tile over the adapter's tokens (batch rows sorted by adapter) and reduced both ways in the
+                        epilogue into per-program partials (never K x out x r); the partials' sums are the gradients.
 Launches per layer (no dropout): forward none (aten folds R, cuBLAS runs x A_s^T once per input and h R^T into the
 base output); backward 2 Triton (scale_projection, down) + cuBLAS's g^T h + the partials' column sum, and cuBLAS's
 grad_h A_s once per input. With dropout the down node is the down kernel (forward) and the up kernel (backward), and
 one small kernel draws the seed on the device (vera_kernels.ops.draw_dropout_seed), which the kernels read there.
+Mixed-adapter up node: forward 1 Triton launch (nothing materialised besides y); backward 2 Triton (grad_h;
+lambda gradients) + a sort and a searchsorted of the (batch rows,) adapter ids and the partials' two sums.
 A Triton launch costs the host several torch ops (bench/host_overhead.py), which is what small (host-bound) steps
 pay for: launches are only used where they save GPU time (a fused mask, fused reductions) or hold the fused base GEMM.
 A is read as a strided view of the shared projection in the compute dtype (the layer passes a cached cast); B and
 the lambdas are float32, folded into small operands; every dot accumulates in float32, so tiles go from memory to
-the tensor cores with no conversion in the main loops.
+the tensor cores with no conversion in the main loops (except in the mixed-adapter kernels, whose per-row lambdas
+cannot be folded into one operand: they scale the h or g tile and round B_s's float32 tile in the loop).
 """
 
 from __future__ import annotations
@@ -247,6 +260,200 @@ def _vera_up_kernel(
     tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(OUT.dtype.element_ty), mask=mn_mask)
 
 
+@triton.jit
+def _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M: tl.constexpr, FEW_ROWS: tl.constexpr):
+    """The adapters of a row tile's tokens (token m belongs to batch row m // T), for _row_lambdas.
+
+    FEW_ROWS (T >= BLOCK_M): the tile's tokens lie in at most two batch rows, so (adapter_0, adapter_1, in_first):
+    two scalars and which rows take the first. Else the adapter of every row (int32: the lambda tables are indexed
+    in int32, which the launcher checks; a (rows x cols) int64 offset tile costs as many registers as the
+    accumulator)."""
+    if FEW_ROWS:
+        first_row = (pid_m * BLOCK_M) // T
+        adapter_0 = tl.load(ROW_ADAPTER + first_row).to(tl.int32)
+        adapter_1 = tl.load(ROW_ADAPTER + tl.minimum(first_row + 1, (M - 1) // T)).to(tl.int32)
+        in_first = (offs_m // T) == first_row
+        adapter = adapter_0
+    else:
+        adapter = tl.load(ROW_ADAPTER + offs_m // T, mask=m_mask, other=0).to(tl.int32)
+        adapter_0 = 0
+        adapter_1 = 0
+        in_first = m_mask
+    return adapter, adapter_0, adapter_1, in_first
+
+
+@triton.jit
+def _row_lambdas(TABLE, stride_k, stride_c, cols, c_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                 FEW_ROWS: tl.constexpr):
+    """TABLE[a(m), cols] for a tile's rows (see _tile_adapters): with FEW_ROWS two vector loads and a select (the
+    gathered tile never exists in memory, nor in registers beyond the select), else one load per (row, col)."""
+    if FEW_ROWS:
+        lam_0 = tl.load(TABLE + adapter_0 * stride_k + cols * stride_c, mask=c_mask, other=0.0)
+        lam_1 = tl.load(TABLE + adapter_1 * stride_k + cols * stride_c, mask=c_mask, other=0.0)
+        lam = tl.where(in_first[:, None], lam_0[None, :], lam_1[None, :])
+    else:
+        lam = tl.load(TABLE + (adapter * stride_k)[:, None] + cols[None, :] * stride_c,
+                      mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+    return lam.to(tl.float32)
+
+
+@triton.jit
+def _vera_up_mixed_kernel(
+    HH, V, LD, LB, ROW_ADAPTER, BASE, OUT,
+    M, N, K, T,
+    stride_hm, stride_hk, stride_vk, stride_vn, stride_ldk, stride_ldr, stride_lbk, stride_lbo,
+    stride_bm, stride_bn, stride_om, stride_on,
+    FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """OUT = BASE + LB[a] * ((HH * LD[a]) V) with a = ROW_ADAPTER[m // T] per row, V = B_s read as (K, N), K = r.
+
+    Mixed-adapter up node, forward: lambda_d is gathered per row into the h tile before the dot (prologue), lambda_b
+    per row into the accumulator (epilogue) (_row_lambdas), so no (tokens x out) scale tile or intermediate exists
+    outside the program. B_s is float32 and rounded to the compute dtype tile by tile (K = r: a few iterations)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    adapter, adapter_0, adapter_1, in_first = _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M,
+                                                             FEW_ROWS)
+    h_ptrs = HH + rows[:, None] * stride_hm + offs_k[None, :].to(tl.int64) * stride_hk
+    v_ptrs = V + offs_k[:, None].to(tl.int64) * stride_vk + cols[None, :] * stride_vn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        mk_mask = m_mask[:, None] & k_mask[None, :]
+        hh = tl.load(h_ptrs, mask=mk_mask, other=0.0)
+        ld = _row_lambdas(LD, stride_ldk, stride_ldr, k0 + offs_k, k_mask, m_mask, adapter, adapter_0, adapter_1,
+                          in_first, FEW_ROWS)
+        v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        hl = (hh.to(tl.float32) * ld).to(HH.dtype.element_ty)  # one rounding of h * lambda_d, as a folded R has
+        acc = _mma(hl, v.to(HH.dtype.element_ty), acc, PRECISION)
+        h_ptrs += BLOCK_K * stride_hk
+        v_ptrs += BLOCK_K * stride_vk
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    lb = _row_lambdas(LB, stride_lbk, stride_lbo, offs_n, n_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                      FEW_ROWS)
+    base = tl.load(BASE + rows[:, None] * stride_bm + cols[None, :] * stride_bn, mask=mn_mask, other=0.0)
+    y = base.to(tl.float32) + lb * acc  # float32 sum, one rounding to the base's dtype
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(OUT.dtype.element_ty), mask=mn_mask)
+
+
+@triton.jit
+def _vera_up_mixed_grad_h_kernel(
+    G, W, LD, LB, ROW_ADAPTER, OUT,
+    M, N, K, T,
+    stride_gm, stride_gk, stride_wk, stride_wn, stride_ldk, stride_ldr, stride_lbk, stride_lbo,
+    stride_om, stride_on,
+    FEW_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """OUT = ((G * LB[a]) W) * LD[a] with a = ROW_ADAPTER[m // T] per row, W = B_s read as (K, N) (K = out, N = r).
+
+    Mixed-adapter up node, backward: grad_h, with lambda_b gathered per row into each g tile before the dot and
+    lambda_d per row in the epilogue. Column blocks vary fastest over the grid: the programs reading the same rows
+    of g (the large operand) run side by side, so g comes from HBM once."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    adapter, adapter_0, adapter_1, in_first = _tile_adapters(ROW_ADAPTER, offs_m, m_mask, pid_m, M, T, BLOCK_M,
+                                                             FEW_ROWS)
+    g_ptrs = G + rows[:, None] * stride_gm + offs_k[None, :].to(tl.int64) * stride_gk
+    w_ptrs = W + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        mk_mask = m_mask[:, None] & k_mask[None, :]
+        g = tl.load(g_ptrs, mask=mk_mask, other=0.0)
+        lb = _row_lambdas(LB, stride_lbk, stride_lbo, k0 + offs_k, k_mask, m_mask, adapter, adapter_0, adapter_1,
+                          in_first, FEW_ROWS)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        gl = (g.to(tl.float32) * lb).to(OUT.dtype.element_ty)
+        acc = _mma(gl, w.to(OUT.dtype.element_ty), acc, PRECISION)
+        g_ptrs += BLOCK_K * stride_gk
+        w_ptrs += BLOCK_K * stride_wk
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    ld = _row_lambdas(LD, stride_ldk, stride_ldr, offs_n, n_mask, m_mask, adapter, adapter_0, adapter_1, in_first,
+                      FEW_ROWS)
+    tl.store(OUT + rows[:, None] * stride_om + cols[None, :] * stride_on, (acc * ld).to(OUT.dtype.element_ty),
+             mask=mn_mask)
+
+
+@triton.jit
+def _vera_mixed_lambda_grad_kernel(
+    G, H, B, LD, LB, SORTED_ROWS, ROW_START, PART_LD, PART_LB,
+    N_OUT, R, T, n_split,
+    stride_gm, stride_go, stride_hm, stride_hr, stride_bo, stride_br, stride_ldk, stride_ldr, stride_lbk, stride_lbo,
+    stride_pld_s, stride_pld_k, stride_plb_s, stride_plb_k,
+    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Per-adapter lambda gradients from G_k = g_k^T h_k (g_k, h_k: the tokens of the batch rows using adapter k),
+    one (BLOCK_O x BLOCK_R) tile of G_k per program, accumulated over the adapter's tokens and never stored:
+        PART_LB[s, k, o]  = sum_{kk in the r-tile}  B_s[o, kk] lambda_d[k, kk] G_k[o, kk]
+        PART_LD[s', k, kk] = sum_{o in the out-tile} B_s[o, kk] lambda_b[k, o] G_k[o, kk]
+    with s = split * r_tiles + r-tile and s' = split * out_tiles + out-tile; the caller sums dim 0 (a fixed order).
+    Grid (r-tiles, out-tiles, adapters * n_split); r-tiles vary fastest, so the programs reading the same g tile run
+    side by side. SORTED_ROWS lists the batch rows ordered by adapter, adapter k's being
+    SORTED_ROWS[ROW_START[k]:ROW_START[k + 1]]; its tokens, taken in that order (T per row), are split into n_split
+    contiguous runs of whole BLOCK_T chunks, one per program (more programs when few adapters hold many tokens).
+    Token chunks are gathered row by row, so they are dense whatever T is."""
+    pid_r = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    pid_ks = tl.program_id(2)
+    adapter = pid_ks // n_split
+    split = pid_ks % n_split
+    row_lo = tl.load(ROW_START + adapter).to(tl.int32)
+    row_hi = tl.load(ROW_START + adapter + 1).to(tl.int32)
+    n_tok = (row_hi - row_lo) * T
+    per_split = tl.cdiv(tl.cdiv(n_tok, n_split), BLOCK_T) * BLOCK_T
+    j_lo = split * per_split
+    j_hi = tl.minimum(n_tok, j_lo + per_split)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_t = tl.arange(0, BLOCK_T)
+    o_mask = offs_o < N_OUT
+    r_mask = offs_r < R
+    outs = offs_o.to(tl.int64)
+    ranks = offs_r.to(tl.int64)
+    acc = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
+    for j0 in range(j_lo, j_hi, BLOCK_T):
+        j = j0 + offs_t
+        t_mask = j < j_hi
+        batch_row = tl.load(SORTED_ROWS + row_lo + j // T, mask=t_mask, other=0)
+        tok = batch_row.to(tl.int64) * T + (j % T)
+        g = tl.load(G + outs[:, None] * stride_go + tok[None, :] * stride_gm, mask=o_mask[:, None] & t_mask[None, :],
+                    other=0.0)
+        h = tl.load(H + tok[:, None] * stride_hm + ranks[None, :] * stride_hr, mask=t_mask[:, None] & r_mask[None, :],
+                    other=0.0)
+        acc = _mma(g.to(H.dtype.element_ty), h, acc, PRECISION)
+    b = tl.load(B + outs[:, None] * stride_bo + ranks[None, :] * stride_br, mask=o_mask[:, None] & r_mask[None, :],
+                other=0.0)
+    ld = tl.load(LD + adapter * stride_ldk + ranks * stride_ldr, mask=r_mask, other=0.0)
+    lb = tl.load(LB + adapter * stride_lbk + outs * stride_lbo, mask=o_mask, other=0.0)
+    gb = acc * b.to(tl.float32)
+    n_r_tiles = tl.num_programs(0)
+    n_o_tiles = tl.num_programs(1)
+    slot_lb = (split * n_r_tiles + pid_r).to(tl.int64) * stride_plb_s + adapter * stride_plb_k
+    slot_ld = (split * n_o_tiles + pid_o).to(tl.int64) * stride_pld_s + adapter * stride_pld_k
+    tl.store(PART_LB + slot_lb + offs_o, tl.sum(gb * ld.to(tl.float32)[None, :], axis=1), mask=o_mask)
+    tl.store(PART_LD + slot_ld + offs_r, tl.sum(gb * lb.to(tl.float32)[:, None], axis=0), mask=r_mask)
+
+
 # ============================================================================================ launchers
 ROW_GROUP_MIN = 256  # >= every BLOCK_M used below
 GRID_Y_MAX = 65535  # CUDA's limit on a grid's second dimension
@@ -286,12 +493,37 @@ def _config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch
     registers, so masked tiles are kept to <= 32 elements per thread: the masked x tile of "down" (BLOCK_M x BLOCK_K)
     and the masked output tile of "up" (BLOCK_M x BLOCK_N, backward only).
     """
+    down_like = kind in ("down", "up_mixed_grad_h", "up_mixed_grad_h_gather")  # (M x r) outputs with a long K
     if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32) if kind == "down" else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
+        if kind == "up_mixed_lambdas":
+            return dict(BLOCK_T=16, BLOCK_O=32, BLOCK_R=16)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32) if down_like else dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
     wide = dtype != torch.float32  # tensor-core dtypes take bigger tiles than ieee fp32 FMA
-    if not wide:
-        return dict(BLOCK_M=64, BLOCK_N=64 if kind != "down" else min(64, _pow2_at_least(N)), BLOCK_K=32,
+    if kind == "up_mixed_lambdas":  # (out x r) tiles of G_k = g_k^T h_k (M = out, N = r), K = the adapter's tokens
+        if not wide:
+            return dict(BLOCK_T=32, BLOCK_O=64, BLOCK_R=min(64, _pow2_at_least(N)), num_warps=4, num_stages=2)
+        return dict(BLOCK_T=64, BLOCK_O=128, BLOCK_R=min(128, _pow2_at_least(N)), num_warps=8, num_stages=3)
+    # The mixed-adapter kinds: "_gather" when batch rows are shorter than BLOCK_M (see _mixed_config), whose
+    # per-(row, col) lambda tiles hold a float32 value and an offset per element: smaller tiles (ieee fp32's FMA dot
+    # spills at 64 x 64 on sm_80 with them).
+    if kind == "up_mixed_gather":
+        return dict(BLOCK_M=64, BLOCK_N=64 if wide else 32, BLOCK_K=min(64 if wide else 32, _pow2_at_least(K)),
                     num_warps=4, num_stages=2)
+    if kind == "up_mixed_grad_h_gather":
+        return dict(BLOCK_M=64, BLOCK_N=min(64 if wide else 32, _pow2_at_least(N)), BLOCK_K=32, num_warps=4,
+                    num_stages=3 if wide else 2)
+    if not wide:
+        return dict(BLOCK_M=64, BLOCK_N=64 if not down_like else min(64, _pow2_at_least(N)), BLOCK_K=32,
+                    num_warps=4, num_stages=2)
+    if kind == "up_mixed_grad_h":  # the down kernel's tiles; each g tile is scaled by a lambda_b tile before the dot
+        bm = 128 if M >= 2048 else 64
+        bn = min(128, _pow2_at_least(N))
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=8 if bm * bn >= 64 * 128 else 4, num_stages=3)
+    if kind == "up_mixed":  # the up kernel's tiles; lambda_d scales each h tile, lambda_b the accumulator
+        bm = 128 if M >= 1024 else 64
+        bn = 64 if K <= 16 else 128
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(64, _pow2_at_least(K)),
+                    num_warps=8 if bm >= 128 else 4, num_stages=3)
     if kind == "down":  # (M x r), K = in (forward) or out (backward): long K, narrow N
         bm = 128 if M >= 2048 else 64
         bn = min(128, _pow2_at_least(N))
@@ -398,6 +630,108 @@ def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
             BLOCK_R=min(64 if G is not None else 128, _pow2_at_least(R)),
         )
     return out, dlb
+
+
+def _check_int32_tables(*tables: torch.Tensor) -> None:
+    """The mixed kernels index the stacked lambdas with int32 offsets (fewer registers for their gathered tiles)."""
+    for t in tables:
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n) >= 2**31:
+            raise ValueError(f"vera_kernels: stacked lambdas of shape {tuple(t.shape)} are too large for up_mixed")
+
+
+def _mixed_config(kind: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                  tokens_per_row: int) -> tuple[dict, bool]:
+    """(blocks, FEW_ROWS) of a mixed-adapter kernel: FEW_ROWS when a row tile's tokens lie in at most two batch rows
+    (tokens_per_row >= BLOCK_M: training batches), else the per-row gather's (smaller) tiles."""
+    cfg = _config(kind, M, N, K, dtype, device)
+    if tokens_per_row < cfg["BLOCK_M"]:
+        cfg = _config(kind + "_gather", M, N, K, dtype, device)
+    return cfg, tokens_per_row >= cfg["BLOCK_M"]
+
+
+def vera_up_mixed(base, h, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
+    """y = base + LB[a] * ((h * LD[a]) B_s^T) per token, a = row_adapter[token // tokens_per_row]: one launch
+    reading base, h, B_s and the lambdas and writing y (in base's dtype)."""
+    M, K = h.shape
+    N = B_s.shape[0]
+    out = torch.empty((M, N), device=base.device, dtype=base.dtype)
+    if M == 0 or N == 0:
+        return out
+    _check_int32_tables(lambda_d, lambda_b)
+    cfg, few_rows = _mixed_config("up_mixed", M, N, K, h.dtype, h.device, tokens_per_row)
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
+    launch(_vera_up_mixed_kernel, grid,
+        h, B_s, lambda_d, lambda_b, row_adapter, base, out,
+        M, N, K, tokens_per_row,
+        h.stride(0), h.stride(1), B_s.stride(1), B_s.stride(0), lambda_d.stride(0), lambda_d.stride(1),
+        lambda_b.stride(0), lambda_b.stride(1), base.stride(0), base.stride(1), out.stride(0), out.stride(1),
+        FEW_ROWS=few_rows, PRECISION=_precision(h.dtype), **cfg,
+    )
+    return out
+
+
+def vera_up_mixed_grad_h(g, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row, dtype):
+    """grad_h = ((g * LB[a]) B_s) * LD[a] per token, in ``dtype`` (h's): one launch."""
+    M, K = g.shape
+    N = B_s.shape[1]
+    out = torch.empty((M, N), device=g.device, dtype=dtype)
+    if M == 0 or N == 0:
+        return out
+    _check_int32_tables(lambda_d, lambda_b)
+    cfg, few_rows = _mixed_config("up_mixed_grad_h", M, N, K, dtype, g.device, tokens_per_row)
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
+    launch(_vera_up_mixed_grad_h_kernel, grid,
+        g, B_s, lambda_d, lambda_b, row_adapter, out,
+        M, N, K, tokens_per_row,
+        g.stride(0), g.stride(1), B_s.stride(0), B_s.stride(1), lambda_d.stride(0), lambda_d.stride(1),
+        lambda_b.stride(0), lambda_b.stride(1), out.stride(0), out.stride(1),
+        FEW_ROWS=few_rows, PRECISION=_precision(dtype), **cfg,
+    )
+    return out
+
+
+_ASSUMED_SMS = 132  # an H100's; only sizes the token split (no device query per call)
+
+
+def _lambda_grad_splits(n_tokens: int, n_adapters: int, n_tiles: int, device: torch.device) -> int:
+    """How many programs share one adapter's tokens: enough programs for the card when few adapters hold many
+    tokens (K = 1: one adapter, all tokens), never runs of under ~512 tokens on average. Two in the interpreter, so
+    the tests cover the split."""
+    if device.type != "cuda":
+        return 2
+    per_adapter = n_tokens // max(1, n_adapters)
+    wanted = _cdiv(4 * _ASSUMED_SMS, max(1, n_tiles * n_adapters))
+    return max(1, min(16, wanted, per_adapter // 512))
+
+
+def vera_mixed_lambda_grads(g, h, B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
+    """(dlambda_d (K, r), dlambda_b (K, out)) in float32, per adapter k over the tokens of the batch rows using it:
+        dlambda_d[k, j] = sum_o B_s[o, j] lambda_b[k, o] G_k[o, j]
+        dlambda_b[k, o] = sum_j B_s[o, j] lambda_d[k, j] G_k[o, j]
+    with G_k = g_k^T h_k formed tile by tile in one launch (never stored: K x out x r). Deterministic: the batch rows
+    are ordered by a stable sort, every program reduces its tokens in order and writes its own partial, and the
+    partials are summed in a fixed order; an adapter without rows gets zeros."""
+    M, R = h.shape
+    n_out = B_s.shape[0]
+    n_adapters = lambda_d.shape[0]
+    cfg = _config("up_mixed_lambdas", n_out, R, M, h.dtype, h.device)
+    n_r_tiles, n_o_tiles = _cdiv(R, cfg["BLOCK_R"]), _cdiv(n_out, cfg["BLOCK_O"])
+    n_split = _lambda_grad_splits(M, n_adapters, n_r_tiles * n_o_tiles, h.device)
+    part_ld = torch.empty((n_split * n_o_tiles, n_adapters, R), device=h.device, dtype=torch.float32)
+    part_lb = torch.empty((n_split * n_r_tiles, n_adapters, n_out), device=h.device, dtype=torch.float32)
+    if part_ld.numel() and part_lb.numel():
+        adapters_sorted, sorted_rows = torch.sort(row_adapter, stable=True)
+        row_start = torch.searchsorted(adapters_sorted, torch.arange(n_adapters + 1, device=h.device,
+                                                                     dtype=adapters_sorted.dtype))
+        launch(_vera_mixed_lambda_grad_kernel, (n_r_tiles, n_o_tiles, n_adapters * n_split),
+            g, h, B_s, lambda_d, lambda_b, sorted_rows, row_start, part_ld, part_lb,
+            n_out, R, tokens_per_row, n_split,
+            g.stride(0), g.stride(1), h.stride(0), h.stride(1), B_s.stride(0), B_s.stride(1),
+            lambda_d.stride(0), lambda_d.stride(1), lambda_b.stride(0), lambda_b.stride(1),
+            part_ld.stride(0), part_ld.stride(1), part_lb.stride(0), part_lb.stride(1),
+            PRECISION=_precision(h.dtype), **cfg,
+        )
+    return part_ld.sum(0), part_lb.sum(0)
 
 
 @triton.jit
@@ -528,11 +862,43 @@ def _up_bwd_impl(
     return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)  # no aliasing
 
 
+def _up_mixed_fwd_impl(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor,
+                       lambda_b: torch.Tensor, row_adapter: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
+    """y = base + LB[a] * ((h * LD[a]) B_s^T), a = row_adapter[token // tokens_per_row]: one Triton launch."""
+    return vera_up_mixed(base, h, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row)
+
+
+def _up_mixed_bwd_impl(
+    g: torch.Tensor,
+    h: torch.Tensor,
+    vera_B_s: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    row_adapter: torch.Tensor,
+    tokens_per_row: int,
+    need_h: bool,
+    need_lambdas: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_h, dlambda_d, dlambda_b): grad_h in h's dtype, the stacked lambdas' gradients (K, r) and (K, out) in
+    float32; each empty when not asked. One Triton launch each (see the Function's docstring)."""
+    empty = g.new_empty((0,), dtype=torch.float32)
+    grad_h = (vera_up_mixed_grad_h(g, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row, h.dtype) if need_h
+              else g.new_empty((0,), dtype=h.dtype))
+    if not need_lambdas:
+        return grad_h, empty, empty.clone()  # (outputs may not alias one another)
+    grad_ld, grad_lb = vera_mixed_lambda_grads(g, h, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row)
+    return grad_h, grad_ld, grad_lb
+
+
 # torch.compile sees these ops (with their fake implementations); eager calls skip the dispatcher's overhead.
 triton_vera_down_fwd = torch.library.custom_op("vera_kernels::triton_vera_down_fwd", mutates_args=())(_down_fwd_impl)
 triton_vera_down_bwd = torch.library.custom_op("vera_kernels::triton_vera_down_bwd", mutates_args=())(_down_bwd_impl)
 triton_vera_up_fwd = torch.library.custom_op("vera_kernels::triton_vera_up_fwd", mutates_args=())(_up_fwd_impl)
 triton_vera_up_bwd = torch.library.custom_op("vera_kernels::triton_vera_up_bwd", mutates_args=())(_up_bwd_impl)
+triton_vera_up_mixed_fwd = torch.library.custom_op("vera_kernels::triton_vera_up_mixed_fwd",
+                                                   mutates_args=())(_up_mixed_fwd_impl)
+triton_vera_up_mixed_bwd = torch.library.custom_op("vera_kernels::triton_vera_up_mixed_bwd",
+                                                   mutates_args=())(_up_mixed_bwd_impl)
 
 
 @triton_vera_down_fwd.register_fake
@@ -555,6 +921,20 @@ def _(g, h, vera_B_s, lambda_d, lambda_b, need_lambdas):
     n_d, n_b = (vera_B_s.shape[1], vera_B_s.shape[0]) if need_lambdas else (0, 0)
     return (g.new_empty(h.shape), g.new_empty((n_d,), dtype=torch.float32),
             g.new_empty((n_b,), dtype=torch.float32))
+
+
+@triton_vera_up_mixed_fwd.register_fake
+def _(base, h, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
+    return base.new_empty((base.shape[0], vera_B_s.shape[0]))
+
+
+@triton_vera_up_mixed_bwd.register_fake
+def _(g, h, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row, need_h, need_lambdas):
+    grad_h = g.new_empty(h.shape, dtype=h.dtype) if need_h else g.new_empty((0,), dtype=h.dtype)
+    if not need_lambdas:
+        return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
+    return (grad_h, g.new_empty(lambda_d.shape, dtype=torch.float32),
+            g.new_empty(lambda_b.shape, dtype=torch.float32))
 
 
 def _call(op, impl, *args):
@@ -621,8 +1001,47 @@ class VeraUpTritonFunction(torch.autograd.Function):
                 grad_x, grad_w, grad_b, None, None)
 
 
+class VeraUpMixedTritonFunction(torch.autograd.Function):
+    r"""The mixed-adapter up node: each batch row uses its own adapter of the K stacked in LD (K, r) and LB (K, out)
+    (the shared A and B make h = x A_s^T one GEMM for every row: the down node). With T = tokens_per_row and
+    a(n) = row_adapter[n // T]:
+        forward:   y[n] = base[n] + LB[a] * ((h[n] * LD[a]) B_s^T)         (one kernel, lambdas gathered per row)
+    Backward, with g = dL/dy (N, out) and, per adapter k, g_k, h_k the rows of g and h of the tokens with a(n) = k:
+        dL/dbase       = g                                                 (passed through, no copy)
+        dL/dh[n]       = ((g[n] * LB[a]) B_s) * LD[a]                      (one kernel, lambdas gathered per row)
+        dL/dLD[k, j]   = sum_{n: a(n)=k} ((g[n] * LB[k]) B_s)[j] h[n, j]
+                       = sum_o B_s[o, j] LB[k, o] G_k[o, j],   G_k = g_k^T h_k   (out, r)
+        dL/dLB[k, o]   = sum_{n: a(n)=k} g[n, o] ((h[n] * LD[k]) B_s^T)[o]
+                       = sum_j B_s[o, j] LD[k, j] G_k[o, j]
+    (both from sum_n g[n, o] LB[a, o] B_s[o, j] LD[a, j] h[n, j], summed over n per adapter). One kernel forms G_k
+    tile by tile over the adapter's tokens (never stored: K x out x r) and reduces each tile both ways into
+    per-program partials, summed in a fixed order: deterministic, no atomics; an adapter with no rows gets zeros.
+    Saved: h (N x r), row_adapter and references to B_s and the stacked lambdas.
+    """
+
+    @staticmethod
+    def forward(ctx, base, h, vera_B_s, lambda_d, lambda_b, row_adapter, tokens_per_row):
+        ctx.save_for_backward(h, vera_B_s, lambda_d, lambda_b, row_adapter)
+        ctx.tokens_per_row = tokens_per_row
+        return _call(triton_vera_up_mixed_fwd, _up_mixed_fwd_impl, base, h, vera_B_s, lambda_d, lambda_b,
+                     row_adapter, tokens_per_row)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, vera_B_s, lambda_d, lambda_b, row_adapter = ctx.saved_tensors
+        need_base, need_h, _, need_ld, need_lb = ctx.needs_input_grad[:5]
+        grad_h = grad_ld = grad_lb = None
+        if need_h or need_ld or need_lb:
+            grad_h, grad_ld, grad_lb = _call(triton_vera_up_mixed_bwd, _up_mixed_bwd_impl, g, h, vera_B_s, lambda_d,
+                                             lambda_b, row_adapter, ctx.tokens_per_row, need_h, need_ld or need_lb)
+        return (g if need_base else None, grad_h if need_h else None, None,
+                grad_ld.to(lambda_d.dtype) if need_ld else None, grad_lb.to(lambda_b.dtype) if need_lb else None,
+                None, None)
+
+
 apply_down_dropout = _apply(VeraDownTritonFunction)
 apply_up = _apply(VeraUpTritonFunction)
+apply_up_mixed = _apply(VeraUpMixedTritonFunction)
 
 
 # ============================================================================================ public
@@ -650,3 +1069,16 @@ def up(base: Optional[torch.Tensor], h: torch.Tensor, vera_B_s: torch.Tensor, la
     if mode not in ("cublas-accumulate", "triton"):
         raise ValueError(f"vera_kernels: base_gemm={mode!r} is not a fused arrangement")
     return apply_up(None, h, vera_B_s, lambda_d, lambda_b, x, weight, bias, fan_in_fan_out, mode)
+
+
+def up_mixed(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, LD: torch.Tensor, LB: torch.Tensor,
+             row_adapter: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
+    """base + LB[a] * ((h * LD[a]) B_s^T) per token, each batch row with its own adapter: base (N, out) in the
+    model's dtype, h (N, r) in the compute dtype, B_s (out, r) float32 (any strides), LD (K, r) and LB (K, out)
+    float32 (the stacked lambdas of the batch's adapters), row_adapter (Bsz,) int64 on the device with values in
+    [0, K), and N = Bsz * tokens_per_row (token n belongs to batch row n // tokens_per_row)."""
+    n_rows = row_adapter.shape[0]
+    if h.shape[0] != n_rows * tokens_per_row or base.shape[0] != h.shape[0]:
+        raise ValueError(f"vera_kernels: up_mixed needs N = batch rows x tokens_per_row, got base {tuple(base.shape)}, "
+                         f"h {tuple(h.shape)}, {n_rows} rows x {tokens_per_row} tokens")
+    return apply_up_mixed(base, h, vera_B_s, LD, LB, row_adapter, tokens_per_row)

@@ -30,7 +30,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
         assert case in out, f"case {case} not run\n{out[-4000:]}"
     assert "triton-cublas" in out, out[-4000:]  # the layer table ran the triton backend
     for check in ("offsets64-smoke", "breakdown-smoke", "compile", "cuda-graph-dropout-smoke",
-                  "checkpoint-dropout-smoke", "dequant"):  # GPU-only checks, tiny inputs
+                  "checkpoint-dropout-smoke", "dequant", "mixed-bench-smoke"):  # GPU-only checks, tiny inputs
         assert f"{check}  ok" in out, f"{check} did not pass\n{out[-4000:]}"
     # the dequantization speed table against bitsandbytes (where it imports; carried to the GPU by `make gpu-carry`)
     assert "Dequantization vs bitsandbytes" in out, out[-4000:]

@@ -71,7 +71,10 @@ def all_trainable(model):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("case", list(NAME_CASES))
 def test_rows_equal_single_adapter_runs(arch, backend, case):
-    names = NAME_CASES[case]
+    check_rows(arch, backend, NAME_CASES[case])
+
+
+def check_rows(arch, backend, names):
     model = build(arch, backend)
     ids = token_ids(1, batch=len(names), length=6)
     with torch.no_grad():
@@ -98,7 +101,10 @@ def test_rows_equal_single_adapter_runs(arch, backend, case):
 def test_lambda_gradients_are_sums_over_own_rows(arch, backend, case):
     """One backward on a mixed batch gives every adapter the gradient of its own rows: the gradient of a
     single-adapter run whose loss counts only those rows. Adapters with no rows get none."""
-    names = NAME_CASES[case]
+    check_gradients(arch, backend, NAME_CASES[case])
+
+
+def check_gradients(arch, backend, names):
     model = build(arch, backend).train()
     ids = token_ids(2, batch=len(names), length=5)
     weights = torch.randn(len(names), 5, model.config.vocab_size, generator=torch.Generator().manual_seed(9))
@@ -131,8 +137,19 @@ def test_lambda_gradients_are_sums_over_own_rows(arch, backend, case):
             p.grad = None
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_triton_backend_rows_and_gradients(arch):
+    """The triton backend's mixed up node (kernels through the interpreter) in a whole model: forward rows and
+    lambda gradients, as for the other backends (one interleaved case: the interpreter is slow)."""
+    pytest.importorskip("triton")
+    check_rows(arch, "triton", NAME_CASES["interleaved"])
+    check_gradients(arch, "triton", NAME_CASES["interleaved"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixed_backward_is_deterministic(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
     model = build("llama", backend).train()
     all_trainable(model)
     names = NAME_CASES["interleaved"]

@@ -261,8 +261,7 @@ def mixed_case(preset, counts, dtype_name: str, r: int, impls: list[str], reason
     PEFT's LoRA requires for adapter_names."""
     dtype = dtype_of(dtype_name)
     dev = ctx.device
-    shape = (f"h{preset.hidden} i{preset.intermediate} L{preset.layers} H{preset.heads}/{preset.kv_heads} "
-             f"V{preset.vocab} {preset.batch}x{preset.seq}")
+    shape = preset.shape()
     impls = [i for i in impls if i in MIXED_IMPLS]
     runnable = [i for i in impls if reasons.get(i) is None and i != "peft"]
     master = I.build_llama(preset, dtype, dev, ctx.seed)

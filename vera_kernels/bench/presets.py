@@ -53,6 +53,11 @@ class ModelPreset:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    def shape(self) -> str:
+        """The rows' ``shape`` field: the model's sizes and batch x sequence."""
+        return (f"h{self.hidden} i{self.intermediate} L{self.layers} H{self.heads}/{self.kv_heads} V{self.vocab} "
+                f"{self.batch}x{self.seq}")
+
     def describe(self) -> str:
         return (f"{self.name}: Llama, hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
                 f"{self.heads} heads ({self.kv_heads} kv), vocab {self.vocab}, batch {self.batch} x seq {self.seq}")

@@ -255,10 +255,10 @@ def _mixed_variant(impl: str, master, n_adapters: int, r: int, lora_r: int):
 def mixed_case(preset, counts, dtype_name: str, r: int, impls: list[str], reasons: dict, warmup: int, repeats: int,
                ctx: RunCtx) -> list[dict]:
     """One batch of ``preset.batch`` rows over each of ``counts`` distinct adapters: every implementation's model
-    holds max(counts) adapters; per count, the rows get a fixed shuffled assignment. Two alternated passes over every
-    (implementation, count): a forward under torch.no_grad (fwd_nograd_ms), then forward + backward of the LM loss
-    (fwd_ms, bwd_ms, fwdbwd_ms: the gradients of every adapter in the batch; no optimizer). All in eval mode, which
-    PEFT's LoRA requires for adapter_names."""
+    holds max(counts) adapters; per count, the rows get a fixed shuffled assignment. Two workloads per
+    (implementation, count), all alternated in one pass: a forward under torch.no_grad (fwd_nograd_ms), and forward +
+    backward of the LM loss (fwd_ms, bwd_ms, fwdbwd_ms: the gradients of every adapter in the batch; no optimizer).
+    All in eval mode, which PEFT's LoRA requires for adapter_names."""
     dtype = dtype_of(dtype_name)
     dev = ctx.device
     shape = preset.shape()
@@ -277,15 +277,19 @@ def mixed_case(preset, counts, dtype_name: str, r: int, impls: list[str], reason
             build_err[impl] = f"could not build: {type(exc).__name__}: {exc}"[:160]
             free_memory(dev)
     label = {(impl, k): f"{impl}@{k}" for impl in models for k in counts}
-    infer = [_mixed_workload(label[impl, k], models[impl], batches, assignments[k], grad=False)
-             for impl in models for k in counts]
-    train = [_mixed_workload(label[impl, k], models[impl], batches, assignments[k], grad=True)
-             for impl in models for k in counts]
-    measured_infer = run_alternating(infer, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick,
-                                     graph=False)
-    # no CUDA-graph replay here: the row plans build small index tensors on the host every call
-    measured = run_alternating(train, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick,
-                               graph=False)
+    workloads = []
+    for impl in models:
+        for k in counts:
+            workloads.append(_mixed_workload(label[impl, k] + "/no-grad", models[impl], batches, assignments[k],
+                                             grad=False))
+            workloads.append(_mixed_workload(label[impl, k], models[impl], batches, assignments[k], grad=True))
+    # one alternation over every (implementation, count, no-grad forward | fwd+bwd), so that no timing is taken while
+    # the machine was busier than for another; no CUDA-graph replay: the row plans build small index tensors on the
+    # host every call
+    both = run_alternating(workloads, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick,
+                           graph=False)
+    measured = {key: m for key, m in both.items() if not key.endswith("/no-grad")}
+    measured_infer = {key.removesuffix("/no-grad"): m for key, m in both.items() if key.endswith("/no-grad")}
     rows: list[dict] = []
     for k in counts:
         case = f"mixed {k} adapter" + ("" if k == 1 else "s")
@@ -313,7 +317,7 @@ def mixed_case(preset, counts, dtype_name: str, r: int, impls: list[str], reason
             row["adapter"] = _adapter(impl, r, preset.lora_r)
             row["adapters"] = k
             rows.append(row)
-    del infer, train, measured, measured_infer, models, master, batches
+    del workloads, both, measured, measured_infer, models, master, batches
     gc.collect()
     free_memory(dev)
     return rows

@@ -12,7 +12,15 @@ implementation that can run here, alternated in one process:
   llama-1b / llama-7b-layers on GPU) with every linear layer targeted: training-step time and tokens/s;
 - a short training run (fp32, fixed synthetic data, same seed): our loss curve against PEFT's, step for step;
 - dequantization of bitsandbytes weights (nf4, nested nf4, fp4, int8) by our native extension against bitsandbytes'
-  own, bit-exactness checked (when bitsandbytes is installed).
+  own, bit-exactness checked (when bitsandbytes is installed);
+- only with ``--cases mixed`` (or ``all``; ~40 s on a 2-core CPU, so not in the default run): mixed-adapter batches,
+  one batch of 64 rows whose rows run 1, 8 or 64 distinct adapters (``model(ids, adapter_names=names)``; 64 adapters
+  loaded, row i runs adapter i % n, rows shuffled with a fixed seed), every linear layer of a small Llama targeted
+  (CPU: hidden 512, 2 layers, 64 rows x 8 tokens; GPU: hidden 2048, 4 layers, 64 x 128), in eval mode (PEFT LoRA
+  allows adapter_names only there), dropout 0: a forward under torch.no_grad, and forward + backward of the LM loss
+  (the gradients of every adapter in the batch, no optimizer). Ours (torch; the reference only when named in
+  ``--backends``: it runs each adapter's branch on the whole batch) against PEFT's LoRA r=16; PEFT's VeRA is n/a (it
+  ignores adapter_names). Goal: 64 adapters / 1 adapter <= 1.15x, both timings, torch backend.
 
 Implementations: "base" (the frozen model: the floor), "peft" (PEFT's VeRA), "peft-lora" (PEFT's LoRA r=16, model
 case only), and our backends "reference", "torch", "triton" (triton only on CUDA unless named in ``--backends``).
@@ -30,12 +38,13 @@ Python entry points::
     results = run(["--device", "cuda", "--model", "llama-1b", "--quick"])   # prints the table, returns the dict
     print(format_table(results))
 
-Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/3": /2 had dequant "speedup_vs_bnb"
-(bnb's time / ours) where /3 has "ratio_vs_bnb" (ours / bnb's), checks named by "issue" instead of "goal"/"where" and
-stated as speedups; /1 lacked gpu_fwdbwd_ms/gpu_note)::
+Results object (also what ``--json PATH`` writes; schema "vera_kernels.bench/4": /3 lacked the mixed rows, "adapters",
+"fwd_nograd_ms", "ratio_vs_one_adapter" and config "mixed"; /2 had dequant "speedup_vs_bnb" (bnb's time / ours) where
+/3 has "ratio_vs_bnb" (ours / bnb's), checks named by "issue" instead of "goal"/"where" and stated as speedups; /1
+lacked gpu_fwdbwd_ms/gpu_note)::
 
     {
-      "schema": "vera_kernels.bench/3",
+      "schema": "vera_kernels.bench/4",
       "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
                   "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
                   "timing": str, "loadavg": {"start": [float]|null, "end": [float]|null},
@@ -43,11 +52,15 @@ stated as speedups; /1 lacked gpu_fwdbwd_ms/gpu_note)::
       "config": {"argv": [str], "device": str, "dtypes": [str], "model_dtype": str, "r": [int], "tokens": [int],
                  "shapes": ["INxOUT"], "model": str, "model_description": str, "backends": [str], "cases": [str],
                  "quick": bool, "seed": int, "threads": int, "threads_from": "default"|"--threads"|"torch",
-                 "repeats": {"layer": int, "model": int},
-                 "warmup": {"layer": int, "model": int}, "time_cap_s": float, "train_steps": int,
-                 "unavailable": {impl: reason}},
+                 "repeats": {"layer": int, "model": int, "mixed": int},
+                 "warmup": {"layer": int, "model": int, "mixed": int}, "time_cap_s": float, "train_steps": int,
+                 "unavailable": {impl: reason},
+                 "mixed": null | {"model", "rows", "seq", "tokens", "adapters": [int], "adapters_loaded", "vera_r",
+                                  "lora_r", "targets", "assignment", "rows_per_adapter": {count: [int]}, "mode",
+                                  "call", "fwd_nograd", "fwdbwd"}},
       "results": [{
-          "case": "layer 2048x5632" | "model tiny" | "train train-tiny", "kind": "layer"|"model"|"train",
+          "case": "layer 2048x5632" | "model tiny" | "train train-tiny" | "mixed 64 adapters",
+          "kind": "layer"|"model"|"train"|"mixed",
           "impl": "base"|"peft"|"peft-lora"|"reference"|"torch"|"triton", "dtype": "fp32"|"bf16"|"fp16",
           "tokens": int (per call / step), "r": int|null (the case's VeRA rank), "shape": str,
           "adapter": {"type": "vera"|"lora"|null, "r": int|null},
@@ -60,7 +73,11 @@ stated as speedups; /1 lacked gpu_fwdbwd_ms/gpu_note)::
           "timing": str, "repeats": int (timed rounds),
           "spread": {metric: {"q1", "q3", "min", "max"}},
           "ratio_vs_peft": {metric: float}, "ratio_vs_base": {metric: float},
-          "ratio_vs_peft_lora": {metric: float}  (model rows only)
+          "ratio_vs_peft_lora": {metric: float}  (model and mixed rows only),
+          "adapters": int|null (mixed rows: distinct adapters over the batch's rows),
+          "fwd_nograd_ms": float|null (mixed rows: the forward under torch.no_grad; their fwd/bwd/fwdbwd_ms are the
+                           forward + backward of the loss, step_ms and tokens_per_s null: no optimizer),
+          "ratio_vs_one_adapter": {metric: float}  (mixed rows only: / the same impl's row with 1 adapter)
         }, ...],
       "training": null | {"model", "dtype", "steps", "lr", "optimizer", "tokens_per_step", "seed", "r",
                           "n_batches", "data", "timed_from_step", "impls": [str], "loss": {impl: [float]},

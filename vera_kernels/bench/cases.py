@@ -52,6 +52,7 @@ def _row(case: str, kind: str, impl: str, dtype: str, tokens: int, r: Optional[i
         "peak_kind": ctx.peak_kind, "timing": ctx.timing,
         "adapter": _adapter(impl, r), "repeats": 0, "spread": {},
         "ratio_vs_peft": {}, "ratio_vs_base": {},
+        "adapters": None, "fwd_nograd_ms": None,  # mixed-adapter rows only
     }
     if row["available"] and m is not None:
         for key in TIME_KEYS:
@@ -195,3 +196,156 @@ def _model_workload(impl, model, batches, hook) -> Workload:
 
     return Workload(impl, forward, backward, opt.step if opt is not None else None, zero, not_activations,
                     keep=[model, opt, hook])
+
+
+# ---------------------------------------------------------------------------------------------- mixed-adapter batches
+MIXED_IMPLS = ("peft", "peft-lora", "reference", "torch", "triton")
+MIXED_MODE = "eval mode (dropout off), vera_dropout/lora_dropout 0"
+REFERENCE_MIXED_OPT_IN = ("timed only when named in --backends (e.g. --backends torch,reference,peft-lora): its mixed "
+                          "path runs every adapter's branch on the whole batch, K times one adapter's work "
+                          "(about 17x at 64 adapters on a CPU)")
+PEFT_VERA_NO_MIXED = ("PEFT's VeRA has no mixed-adapter batches: it ignores adapter_names and runs the active adapter "
+                      "on every row")
+
+
+def mixed_assignment(n_adapters: int, rows: int, seed: int) -> list[str]:
+    """Row i's adapter name: adapters a0 .. a{n-1} round-robin over the rows, then the rows shuffled (fixed seed), so
+    one adapter's rows are not contiguous. Every adapter gets rows // n or one more."""
+    names = [f"a{i % n_adapters}" for i in range(rows)]
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed + 7)).tolist()
+    return [names[p] for p in perm]
+
+
+def _mixed_variant(impl: str, master, n_adapters: int, r: int, lora_r: int):
+    """``master`` with ``n_adapters`` adapters a0 .. a{n-1} on every linear layer, all of them trainable (VeRA: the
+    lambdas; LoRA: A and B), in eval mode."""
+    names = [f"a{i}" for i in range(n_adapters)]
+    m = I.share_copy(master)
+    if impl == "peft-lora":
+        peft = I.import_peft()
+
+        def cfg():
+            return peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=list(LLAMA_TARGETS),
+                                   lora_dropout=0.0)
+
+        with I._quiet():
+            m = peft.get_peft_model(m, cfg(), adapter_name=names[0])
+            for n in names[1:]:
+                m.add_adapter(n, cfg())
+        marker = "lora_"
+    elif impl in I.OURS:
+        import vera_kernels as vk
+
+        for k, n in enumerate(names):
+            cfg = vk.VeraConfig(r=r, target_modules=list(LLAMA_TARGETS), projection_prng_key=0, vera_dropout=0.0,
+                                init_weights=True)
+            if k == 0:
+                m = vk.patch_model(m, cfg, n, backend=impl)
+            else:
+                vk.add_adapter(m, n, cfg)
+        marker = "vera_lambda_"
+    else:
+        raise ValueError(f"{impl!r} has no mixed-adapter batches")
+    for name, p in m.named_parameters():
+        if marker in name:
+            p.requires_grad_(True)
+    return m.eval()
+
+
+def mixed_case(preset, counts, dtype_name: str, r: int, impls: list[str], reasons: dict, warmup: int, repeats: int,
+               ctx: RunCtx) -> list[dict]:
+    """One batch of ``preset.batch`` rows over each of ``counts`` distinct adapters: every implementation's model
+    holds max(counts) adapters; per count, the rows get a fixed shuffled assignment. Two workloads per
+    (implementation, count), all alternated in one pass: a forward under torch.no_grad (fwd_nograd_ms), and forward +
+    backward of the LM loss (fwd_ms, bwd_ms, fwdbwd_ms: the gradients of every adapter in the batch; no optimizer).
+    All in eval mode, which PEFT's LoRA requires for adapter_names."""
+    dtype = dtype_of(dtype_name)
+    dev = ctx.device
+    shape = preset.shape()
+    impls = [i for i in impls if i in MIXED_IMPLS]
+    runnable = [i for i in impls if reasons.get(i) is None and i != "peft"]
+    master = I.build_llama(preset, dtype, dev, ctx.seed)
+    gen = torch.Generator(device="cpu").manual_seed(ctx.seed + 2)
+    batches = [torch.randint(0, preset.vocab, (preset.batch, preset.seq), generator=gen).to(dev)
+               for _ in range(N_INPUTS)]
+    assignments = {k: mixed_assignment(k, preset.batch, ctx.seed) for k in counts}
+    models, build_err = {}, {}
+    for impl in runnable:
+        try:
+            models[impl] = _mixed_variant(impl, master, max(counts), r, preset.lora_r)
+        except Exception as exc:
+            build_err[impl] = f"could not build: {type(exc).__name__}: {exc}"[:160]
+            free_memory(dev)
+    label = {(impl, k): f"{impl}@{k}" for impl in models for k in counts}
+    workloads = []
+    for impl in models:
+        for k in counts:
+            workloads.append(_mixed_workload(label[impl, k] + "/no-grad", models[impl], batches, assignments[k],
+                                             grad=False))
+            workloads.append(_mixed_workload(label[impl, k], models[impl], batches, assignments[k], grad=True))
+    # one alternation over every (implementation, count, no-grad forward | fwd+bwd), so that no timing is taken while
+    # the machine was busier than for another; no CUDA-graph replay: the row plans build small index tensors on the
+    # host every call
+    both = run_alternating(workloads, dev, warmup, repeats, ctx.time_cap_s, ctx.min_rounds, N_INPUTS, ctx.tick,
+                           graph=False)
+    measured = {key: m for key, m in both.items() if not key.endswith("/no-grad")}
+    measured_infer = {key.removesuffix("/no-grad"): m for key, m in both.items() if key.endswith("/no-grad")}
+    rows: list[dict] = []
+    for k in counts:
+        case = f"mixed {k} adapter" + ("" if k == 1 else "s")
+        for impl in impls:
+            key = label.get((impl, k))
+            reason = PEFT_VERA_NO_MIXED if impl == "peft" and not reasons.get(impl) else (
+                reasons.get(impl) or build_err.get(impl) or (None if key in measured else "not run"))
+            if reason is not None:
+                row = _row(case, "mixed", impl, dtype_name, preset.tokens, r, shape, ctx, reason=reason)
+            else:
+                m_inf, m = measured_infer[key], measured[key]
+                row = _row(case, "mixed", impl, dtype_name, preset.tokens, r, shape, ctx, m=m)
+                if row["available"] and m_inf.error is not None:
+                    row = _row(case, "mixed", impl, dtype_name, preset.tokens, r, shape, ctx,
+                               reason="no-grad forward: " + m_inf.error)
+                if row["available"]:
+                    s = summarize(m_inf.times["fwd_ms"])
+                    row["fwd_nograd_ms"] = s["median"]
+                    row["spread"]["fwd_nograd_ms"] = {q: s[q] for q in ("q1", "q3", "min", "max")}
+                    # no optimizer here: the step is the forward + backward, shown as such
+                    row["step_ms"] = row["tokens_per_s"] = None
+                    row["spread"].pop("step_ms", None)
+                    if dev.type == "cuda":
+                        row["gpu_note"] = "not measured for mixed-adapter batches (host-built row indices)"
+            row["adapter"] = _adapter(impl, r, preset.lora_r)
+            row["adapters"] = k
+            rows.append(row)
+    del workloads, both, measured, measured_infer, models, master, batches
+    gc.collect()
+    free_memory(dev)
+    return rows
+
+
+def _mixed_workload(label: str, model, batches, names: list[str], grad: bool) -> Workload:
+    params = I.trainable(model)
+
+    if grad:
+        def forward(i):
+            ids = batches[i]
+            return model(input_ids=ids, labels=ids, adapter_names=names).loss
+
+        def backward(loss, i):
+            loss.backward()
+    else:
+        def forward(i):
+            with torch.no_grad():
+                return model(input_ids=batches[i], adapter_names=names).logits
+
+        def backward(out, i):
+            pass
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def not_activations():
+        return module_storage_ptrs(model) | storage_ptrs(batches)
+
+    return Workload(label, forward, backward, None, zero, not_activations, keep=[model])

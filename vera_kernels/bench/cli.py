@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import presets as P
-from .cases import RunCtx, layer_cases, model_case
+from .cases import (MIXED_IMPLS, MIXED_MODE, REFERENCE_MIXED_OPT_IN, RunCtx, layer_cases, mixed_assignment,
+                    mixed_case, model_case)
 from .impls import IMPLS, LAYER_IMPLS, OURS, unavailable_reason
 from .machine import loadavg, machine_info
 from .measure import CpuPeak, CpuTimer, CudaPeak, CudaTimer, default_threads, free_memory
@@ -24,8 +25,11 @@ from .progress import make_progress
 from .report import add_ratios, format_table, goal_checks, threads_text, write_csv, write_plot
 from .training import training_run
 
-SCHEMA = "vera_kernels.bench/3"
-CASES = ("layer", "model", "train", "dequant")
+SCHEMA = "vera_kernels.bench/4"
+CASES = ("layer", "model", "train", "dequant", "mixed")
+# what runs without --cases: mixed-adapter batches are asked for by name (--cases mixed, or all), so the default run
+# stays what it was (its time on a 2-core CPU: ~35 s more)
+DEFAULT_CASES = ("layer", "model", "train", "dequant")
 
 
 class BenchUsageError(ValueError):
@@ -147,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_choice_list("--backends", IMPLS),
                    help=f"implementations to run, comma list of {', '.join(IMPLS)} or all (default: every one "
                         "that can run here; triton is never timed on the CPU unless named)")
-    p.add_argument("--cases", type=_choice_list("--cases", CASES), default=list(CASES),
-                   help="which parts to run: layer, model, train, dequant (default all)")
+    p.add_argument("--cases", type=_choice_list("--cases", CASES), default=list(DEFAULT_CASES),
+                   help="which parts to run: layer, model, train, dequant, mixed, or all (default: layer, model, "
+                        "train, dequant; mixed = one batch whose rows run 1, 8 or 64 distinct adapters, ours "
+                        "against PEFT LoRA's adapter_names)")
     p.add_argument("--repeats", type=_pos_int("--repeats"), help="timed rounds per case (overrides the presets)")
     p.add_argument("--warmup", type=_pos_int("--warmup"), help="warm-up rounds per case (>= 1)")
     p.add_argument("--train-steps", type=_pos_int("--train-steps", 3), help="optimizer steps of the training run")
@@ -217,12 +223,18 @@ def make_plan(args) -> dict:
     model_name = args.model or ("llama-1b" if dt == "cuda" else "tiny")
     preset = P.model_preset(model_name, args.quick)
     train = P.TRAIN_QUICK if args.quick else P.TRAIN
+    mixed = P.mixed_preset(dt, args.quick)
     if args.train_steps:
         train = P.TrainPreset(train.model, args.train_steps, train.lr, train.n_batches)
     points = [(tokens[0], rs[0])] + [(tokens[0], r) for r in rs[1:]] + [(t, rs[0]) for t in tokens[1:]]
     explicit = set(args.backends or [])
     impls = list(args.backends or IMPLS)
     reasons = {i: unavailable_reason(i, dev, i in explicit) for i in impls}
+    # the mixed case times the reference only when it is named: it runs every stacked adapter's branch on the whole
+    # batch (K times one adapter's work), minutes at 64 adapters on a CPU
+    mixed_reasons = dict(reasons)
+    if "reference" in impls and "reference" not in explicit and not reasons.get("reference"):
+        mixed_reasons["reference"] = REFERENCE_MIXED_OPT_IN
     if args.threads:
         threads, threads_from = args.threads, "--threads"
     elif dt == "cpu":
@@ -233,6 +245,8 @@ def make_plan(args) -> dict:
         "threads": threads, "threads_from": threads_from,
         "device": dev, "shapes": shapes, "tokens": tokens, "r": rs, "layer_dtypes": layer_dtypes,
         "model_dtype": model_dtype, "model": preset, "train": train, "points": points, "impls": impls,
+        "mixed": mixed, "mixed_adapters": list(P.MIXED_ADAPTERS), "mixed_reasons": mixed_reasons,
+        "mixed_repeats": args.repeats or mixed.repeats, "mixed_warmup": args.warmup or mixed.warmup,
         "reasons": reasons,
         "layer_repeats": args.repeats or suite.repeats, "layer_warmup": args.warmup or suite.warmup,
         "model_repeats": args.repeats or preset.repeats, "model_warmup": args.warmup or preset.warmup,
@@ -251,6 +265,9 @@ def _estimate(plan: dict, cases: list[str]) -> int:
         total += run_n(plan["impls"]) * (plan["model_warmup"] + 1 + plan["model_repeats"])
     if "train" in cases:
         total += plan["train"].steps * (1 + run_n([i for i in plan["impls"] if i in OURS]))
+    if "mixed" in cases:
+        n = sum(1 for i in plan["impls"] if i in MIXED_IMPLS and i != "peft" and not plan["mixed_reasons"].get(i))
+        total += 2 * n * len(plan["mixed_adapters"]) * (plan["mixed_warmup"] + 1 + plan["mixed_repeats"])
     return max(total, 1)
 
 
@@ -262,7 +279,7 @@ def _train_row(s: dict, case: str, r: int, tokens: int, ctx: RunCtx) -> dict:
         "gpu_fwdbwd_ms": None, "gpu_note": "not measured for training runs",
         "peak_kind": ctx.peak_kind, "timing": "time.perf_counter around each synchronized step",
         "adapter": {"type": "vera", "r": r}, "repeats": s["repeats"], "spread": s["spread"],
-        "ratio_vs_peft": {}, "ratio_vs_base": {},
+        "ratio_vs_peft": {}, "ratio_vs_base": {}, "adapters": None, "fwd_nograd_ms": None,
     }
 
 
@@ -345,6 +362,11 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
                         rows.append(row)
                     if training is None and not training_skipped:
                         training_skipped = errors.get("peft", "PEFT's run failed")
+            if "mixed" in cases:
+                mp = plan["mixed"]
+                progress.describe(f"mixed-adapter batches {mp.name} {plan['model_dtype']}")
+                rows += mixed_case(mp, plan["mixed_adapters"], plan["model_dtype"], plan["r"][0], plan["impls"],
+                                   plan["mixed_reasons"], plan["mixed_warmup"], plan["mixed_repeats"], ctx)
             if "dequant" in cases:
                 progress.describe("dequantization vs bitsandbytes")
                 dequant, dequant_skipped = _dequant_case(dev, args.quick)
@@ -366,10 +388,12 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
             "model": plan["model"].name, "model_description": plan["model"].describe(),
             "backends": plan["impls"], "cases": cases, "quick": bool(args.quick), "seed": args.seed,
             "threads": machine["threads"], "threads_from": plan["threads_from"],
-            "repeats": {"layer": plan["layer_repeats"], "model": plan["model_repeats"]},
-            "warmup": {"layer": plan["layer_warmup"], "model": plan["model_warmup"]},
+            "repeats": {"layer": plan["layer_repeats"], "model": plan["model_repeats"],
+                        "mixed": plan["mixed_repeats"]},
+            "warmup": {"layer": plan["layer_warmup"], "model": plan["model_warmup"], "mixed": plan["mixed_warmup"]},
             "time_cap_s": plan["time_cap"], "train_steps": plan["train"].steps,
             "unavailable": {k: v for k, v in plan["reasons"].items() if v},
+            "mixed": _mixed_config(plan, args.seed) if "mixed" in cases else None,
         },
         "results": rows,
         "training": training,
@@ -391,6 +415,24 @@ def run(argv: Optional[Sequence[str]] = None, *, print_table: bool = True) -> di
     if print_table:
         print(format_table(results), flush=True)
     return results
+
+
+def _mixed_config(plan: dict, seed: int) -> dict:
+    mp = plan["mixed"]
+    counts = plan["mixed_adapters"]
+    return {
+        "model": mp.describe(), "rows": mp.batch, "seq": mp.seq, "tokens": mp.tokens, "adapters": counts,
+        "adapters_loaded": max(counts), "vera_r": plan["r"][0], "lora_r": mp.lora_r,
+        "targets": "every linear layer (q, k, v, o, gate, up, down)",
+        "assignment": f"adapter i % n for row i, rows shuffled (torch.randperm, seed {seed + 7})",
+        "rows_per_adapter": {str(k): sorted(set(mixed_assignment(k, mp.batch, seed).count(f"a{i}")
+                                                for i in range(k))) for k in counts},
+        "mode": MIXED_MODE,
+        "call": "model(input_ids, adapter_names=names) for every implementation (ours: the same as "
+                "vk.adapter_batch; one distinct name takes the plain single-adapter path)",
+        "fwd_nograd": "forward under torch.no_grad, logits", "fwdbwd": "forward + backward of the LM loss "
+                      "(gradients of every adapter in the batch), no optimizer",
+    }
 
 
 def _dequant_case(dev, quick: bool):

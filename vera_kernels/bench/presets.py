@@ -53,6 +53,11 @@ class ModelPreset:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    def shape(self) -> str:
+        """The rows' ``shape`` field: the model's sizes and batch x sequence."""
+        return (f"h{self.hidden} i{self.intermediate} L{self.layers} H{self.heads}/{self.kv_heads} V{self.vocab} "
+                f"{self.batch}x{self.seq}")
+
     def describe(self) -> str:
         return (f"{self.name}: Llama, hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
                 f"{self.heads} heads ({self.kv_heads} kv), vocab {self.vocab}, batch {self.batch} x seq {self.seq}")
@@ -122,3 +127,27 @@ TRAIN_QUICK = TrainPreset(TRAIN_MODEL, steps=8, lr=5e-3, n_batches=4)
 # once it has used this much time, so no preset can run away on a slow or busy machine.
 CASE_TIME_CAP_S = {"cpu": 30.0, "cuda": 15.0}
 MIN_ROUNDS = 3
+
+
+# ---------------------------------------------------------------------------------------------- mixed-adapter batches
+# ``--cases mixed``: one batch of ``batch`` rows whose rows run 1, 8 or 64 distinct adapters (vk.adapter_batch /
+# PEFT LoRA's adapter_names), every linear layer targeted. The model holds MIXED_ADAPTERS[-1] adapters throughout;
+# only the rows' assignment changes between the counts. Small sequences: what matters is the per-row adapter work.
+MIXED_ADAPTERS = (1, 8, 64)
+MIXED_PRESETS = {
+    "cpu": ModelPreset("mixed-cpu", hidden=512, intermediate=1376, layers=2, heads=8, kv_heads=8, vocab=1024,
+                       batch=64, seq=8, repeats=7, warmup=2, note="CPU preset, 64 rows x 8 tokens"),
+    "cuda": ModelPreset("mixed-gpu", hidden=2048, intermediate=5632, layers=4, heads=32, kv_heads=4, vocab=32000,
+                        batch=64, seq=128, repeats=10, warmup=3, note="GPU preset, TinyLlama's width, 4 layers, "
+                        "64 rows x 128 tokens"),
+}
+MIXED_QUICK = {
+    "cpu": ModelPreset("mixed-cpu-quick", hidden=128, intermediate=344, layers=1, heads=4, kv_heads=4, vocab=256,
+                       batch=64, seq=4, repeats=3, warmup=1, note="CPU preset (quick), 64 rows x 4 tokens"),
+    "cuda": replace(MIXED_PRESETS["cuda"], repeats=5, warmup=2),
+}
+
+
+def mixed_preset(device_type: str, quick: bool) -> ModelPreset:
+    key = "cuda" if device_type == "cuda" else "cpu"
+    return (MIXED_QUICK if quick else MIXED_PRESETS)[key]

@@ -7,10 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+from .presets import MIXED_PRESETS
+
 RATIO_KEYS = ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms", "tokens_per_s", "saved_bytes", "peak_bytes",
-              "gpu_fwdbwd_ms")
+              "gpu_fwdbwd_ms", "fwd_nograd_ms")
 # denominators: ratio_vs_<name> = this row's metric / that implementation's metric, same case
 YARDSTICKS = {"peft": "ratio_vs_peft", "base": "ratio_vs_base", "peft-lora": "ratio_vs_peft_lora"}
+LORA_KINDS = ("model", "mixed")  # the kinds whose rows carry ratio_vs_peft_lora
+# mixed-adapter rows also carry ratio_vs_one_adapter: this row / the same implementation's row with one adapter on
+# every row (same dtype, tokens, r, shape): what mixing adapters costs
+ONE_ADAPTER = "ratio_vs_one_adapter"
 
 
 def group_key(row: dict) -> tuple:
@@ -26,24 +32,40 @@ def ratio(a, b) -> Optional[float]:
     return a / b
 
 
+def _ratios(row: dict, den: Optional[dict]) -> dict:
+    out = {}
+    if row.get("available") and den is not None and den.get("available"):
+        for k in RATIO_KEYS:
+            v = ratio(row.get(k), den.get(k))
+            if v is not None:
+                out[k] = v
+    return out
+
+
+def one_adapter_key(row: dict) -> tuple:
+    """The key of the row a mixed-adapter row's ratio_vs_one_adapter divides by (its adapters count set to 1)."""
+    return (row["kind"], row["impl"], row["dtype"], row["tokens"], row["r"], row["shape"])
+
+
+def one_adapter_rows(rows: list[dict]) -> dict:
+    return {one_adapter_key(x): x for x in rows if x["kind"] == "mixed" and x.get("adapters") == 1}
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Fill ratio_vs_peft / ratio_vs_base (and ratio_vs_peft_lora on model rows) from numbers of the same case."""
+    """Fill ratio_vs_peft / ratio_vs_base (and ratio_vs_peft_lora on model and mixed rows, ratio_vs_one_adapter on
+    mixed rows) from numbers of the same case."""
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         groups.setdefault(group_key(row), {})[row["impl"]] = row
+    ones = one_adapter_rows(rows)
     for row in rows:
         members = groups[group_key(row)]
         for impl, field in YARDSTICKS.items():
-            if impl == "peft-lora" and row["kind"] != "model":
+            if impl == "peft-lora" and row["kind"] not in LORA_KINDS:
                 continue
-            den = members.get(impl)
-            out = {}
-            if row.get("available") and den is not None and den.get("available"):
-                for k in RATIO_KEYS:
-                    v = ratio(row.get(k), den.get(k))
-                    if v is not None:
-                        out[k] = v
-            row[field] = out
+            row[field] = _ratios(row, members.get(impl))
+        if row["kind"] == "mixed":
+            row[ONE_ADAPTER] = _ratios(row, ones.get(one_adapter_key(row)))
 
 
 # ---------------------------------------------------------------------------------------------- goal checks
@@ -75,7 +97,8 @@ class Goal:
     r: Optional[int]  # None: any
     metric: str  # "ratio_vs_peft.fwdbwd_ms" (a ratio field and key) or a row key
     limit: Union[float, Callable[[dict], float], None]
-    noise: tuple = ()  # (timing key, yardstick impl): the spreads behind a time ratio
+    noise: tuple = ()  # (timing key, yardstick impl or ONE_ADAPTER): the spreads behind a time ratio
+    adapters: Optional[int] = None  # mixed-adapter rows: the number of distinct adapters in the batch
 
     def where(self) -> str:
         """The stated case in words."""
@@ -85,12 +108,15 @@ class Goal:
             parts.append(f"{self.tokens} tokens")
         if self.r:
             parts.append(f"r={self.r}")
+        if self.adapters:
+            parts.append(f"{self.adapters} adapters over the batch's rows, / the same with 1")
         return ", ".join(parts)
 
     def matches(self, row: dict) -> bool:
         return (row["kind"] == self.kind and row["impl"] == self.impl and row["dtype"] in self.dtypes
                 and (self.shapes is None or row["shape"] in self.shapes)
-                and (self.tokens is None or row["tokens"] == self.tokens) and (self.r is None or row["r"] == self.r))
+                and (self.tokens is None or row["tokens"] == self.tokens) and (self.r is None or row["r"] == self.r)
+                and (self.adapters is None or row.get("adapters") == self.adapters))
 
     def value(self, row: dict) -> Optional[float]:
         field, _, key = self.metric.rpartition(".")
@@ -125,6 +151,15 @@ GOALS = (
     # launch overhead) from a GPU-bound one; informational, the goal is on the eager step
     Goal("model GPU-only fwd+bwd / PEFT VeRA (CUDA graph, reported)", "cuda", "model", "triton",
          ("bf16", "fp16", "fp32"), None, None, None, "ratio_vs_peft.gpu_fwdbwd_ms", None),
+) + tuple(
+    # mixed-adapter batches (issue 13): 64 distinct adapters over the batch's rows cost what one adapter on every row
+    # costs, within 15%: forward alone (no grad) and forward + backward, at the mixed case's default model and batch
+    # (--quick's is too small: per-call overhead). The torch backend on either device (it has the per-row lambda
+    # gathers; triton runs one adapter per call)
+    Goal(f"mixed 64/1 adapters <= 1.15x ({what})", dev, "mixed", "torch", (dtype,), (MIXED_PRESETS[dev].shape(),),
+         None, None, f"{ONE_ADAPTER}.{key}", 1.15, (key, ONE_ADAPTER), adapters=64)
+    for dev, dtype in (("cpu", "fp32"), ("cuda", "bf16"))
+    for what, key in (("fwd, no grad", "fwd_nograd_ms"), ("fwd+bwd", "fwdbwd_ms"))
 )
 
 
@@ -146,6 +181,7 @@ def goal_checks(rows: list[dict], device_type: str, config: Optional[dict] = Non
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         groups.setdefault(group_key(row), {})[row["impl"]] = row
+    ones = one_adapter_rows(rows)
     out = []
     for goal in GOALS:
         if goal.device != device_type:
@@ -159,7 +195,9 @@ def goal_checks(rows: list[dict], device_type: str, config: Optional[dict] = Non
             spread = None
             if goal.noise:
                 key, den = goal.noise
-                vals = [rel_spread(row, key), rel_spread(groups[group_key(row)].get(den), key)]
+                den_row = (ones.get(one_adapter_key(row)) if den == ONE_ADAPTER
+                           else groups[group_key(row)].get(den))
+                vals = [rel_spread(row, key), rel_spread(den_row, key)]
                 vals = [v for v in vals if v is not None]
                 spread = max(vals) if vals else None
             noisy = spread is not None and spread > NOISY
@@ -169,7 +207,8 @@ def goal_checks(rows: list[dict], device_type: str, config: Optional[dict] = Non
             elif value is None and "gpu_" in goal.metric and row.get("gpu_note"):
                 reason = row["gpu_note"]
             elif value is None:
-                den = {v: k for k, v in YARDSTICKS.items()}.get(goal.metric.rpartition(".")[0])
+                den = dict({v: k for k, v in YARDSTICKS.items()}, **{ONE_ADAPTER: "1-adapter"}).get(
+                    goal.metric.rpartition(".")[0])
                 reason = f"no measured {den} row to divide by in this run" if den else "not measured for this row"
             out.append(dict(base, case=row["case"], kind=row["kind"], impl=row["impl"], dtype=row["dtype"],
                             tokens=row["tokens"], r=row["r"], value=value, threshold=limit,
@@ -328,6 +367,7 @@ def format_table(results: dict) -> str:
         else:
             L.append("  ratios: step time / PEFT VeRA's and / the frozen base's (forward+backward through the "
                      "activations, no optimizer)" + ("; step/LoRA = step time / PEFT LoRA's." if lora else "."))
+    L += format_mixed(results)
     tr = results.get("training")
     if tr:
         L += ["", f"training run: {tr['model']} | fp32 | {tr['steps']} AdamW steps, lr {tr['lr']} | "
@@ -376,11 +416,69 @@ def format_table(results: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def format_mixed(results: dict) -> list[str]:
+    """The mixed-adapter section: one block per (dtype, tokens, r), a line per implementation and adapter count."""
+    rows = [x for x in results["results"] if x["kind"] == "mixed"]
+    if not rows:
+        return []
+    mc = results["config"].get("mixed") or {}
+    blocks: dict[tuple, list[dict]] = {}
+    for x in rows:
+        blocks.setdefault((x["dtype"], x["tokens"], x["r"], x["shape"]), []).append(x)
+    L = []
+    for (dtype, tokens, r, shape), members in blocks.items():
+        reps = max((x.get("repeats") or 0) for x in members)
+        lora = [x for x in members if x["impl"] == "peft-lora"]
+        lora_r = lora[0]["adapter"]["r"] if lora else mc.get("lora_r")
+        L += ["", f"mixed-adapter batches: {shape} | {dtype} | {mc.get('rows', '?')} rows x {mc.get('seq', '?')} tokens "
+                  f"| VeRA r={r}, PEFT LoRA r={lora_r}, every linear layer | {mc.get('adapters_loaded', '?')} adapters "
+                  f"loaded, row i runs adapter i % n, rows shuffled | {mc.get('mode', 'eval mode')} | {reps} rounds",
+              "  fwd no-grad: forward under torch.no_grad; fwd, bwd, fwd+bwd: forward + backward of the LM loss (the "
+              "gradients of every adapter in the batch), no optimizer; each call model(ids, adapter_names=names)"]
+        headers = ["impl", "adapters", "fwd no-grad ms", "fwd ms", "bwd ms", "fwd+bwd ms", "saved MiB", "peak MiB",
+                   "no-grad/1", "fwd+bwd/1", "no-grad/LoRA", "fwd+bwd/LoRA"]
+        body = []
+        by_impl: dict[str, list[dict]] = {}
+        for x in members:
+            by_impl.setdefault(x["impl"], []).append(x)
+        for impl, xs in by_impl.items():
+            name = impl + (f" r={xs[0]['adapter']['r']}" if impl == "peft-lora" else "")
+            reasons = {x["reason"] for x in xs if not x["available"]}
+            if len(reasons) == 1 and not any(x["available"] for x in xs):
+                body.append([name, f"n/a ({reasons.pop()})"])
+                continue
+            for x in sorted(xs, key=lambda x: x["adapters"] or 0):
+                if not x["available"]:
+                    body.append([f"{name} ({x['adapters']} adapters)", f"n/a ({x['reason']})"])
+                    continue
+                one, lr = x.get(ONE_ADAPTER) or {}, x.get("ratio_vs_peft_lora") or {}
+                body.append([name, str(x["adapters"]), _f(x["fwd_nograd_ms"], 2) + " " + _iqr_pct(x, "fwd_nograd_ms"),
+                             _f(x["fwd_ms"], 2), _f(x["bwd_ms"], 2),
+                             _f(x["fwdbwd_ms"], 2) + " " + _iqr_pct(x, "fwdbwd_ms"), _mib(x["saved_bytes"]),
+                             _mib(x["peak_bytes"]), _x(one.get("fwd_nograd_ms")), _x(one.get("fwdbwd_ms")),
+                             _x(lr.get("fwd_nograd_ms")), _x(lr.get("fwdbwd_ms"))])
+        L += ["  " + s for s in _render(headers, body, "l" + "r" * (len(headers) - 1))]
+        L.append("  ratios: /1 = this time / the same implementation's with one adapter on every row; /LoRA = this "
+                 "time / PEFT LoRA's at the same adapter count.")
+        top = max((x["adapters"] or 0) for x in members)
+        parts = []
+        for impl, xs in by_impl.items():
+            x = next((x for x in xs if x["adapters"] == top and x["available"]), None)
+            one = (x or {}).get(ONE_ADAPTER) or {}
+            if one.get("fwdbwd_ms") is not None:
+                parts.append(f"{impl} {_x(one.get('fwd_nograd_ms'))} fwd no-grad, {_x(one.get('fwdbwd_ms'))} fwd+bwd")
+        if parts and top > 1:
+            L.append(f"  {top} adapters / 1: " + "; ".join(parts))
+    return L
+
+
 def format_goals(checks: list[dict], device_type: Optional[str]) -> list[str]:
     """The goals block: the checks measured in this run, then the goals this run did not measure and why."""
     if not checks:
         return []
     which = "GPU: the triton backend" if device_type == "cuda" else "CPU: the torch backend"
+    if device_type == "cuda" and any(c.get("kind") == "mixed" for c in checks):
+        which += ", mixed-adapter batches: the torch backend"
     L = ["", f"goals ({which}; the targets this project set itself, checked where this run measured their case):"]
     measured = [c for c in checks if c.get("case") is not None]
     missing = [c for c in checks if c.get("case") is None]
@@ -412,14 +510,15 @@ def format_goals(checks: list[dict], device_type: Optional[str]) -> list[str]:
 CSV_FIELDS = ["case", "kind", "impl", "dtype", "tokens", "r", "adapter_type", "adapter_r", "shape", "available",
               "reason", "fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms", "step_ms_q1", "step_ms_q3", "fwdbwd_ms_q1",
               "fwdbwd_ms_q3", "tokens_per_s", "saved_bytes", "peak_bytes", "peak_kind", "repeats", "gpu_fwdbwd_ms",
-              "gpu_note"]
+              "gpu_note", "adapters", "fwd_nograd_ms", "fwd_nograd_ms_q1", "fwd_nograd_ms_q3"]
 # the dequantization rows (kind "dequant", case "dequant <format>", dtype = the output dtype) fill these instead
 DEQUANT_CSV_FIELDS = ["median_ms", "gbps", "bitexact_vs_bnb", "ratio_vs_bnb.median_ms"]
 
 
 def csv_rows(results: dict) -> list[list]:
     """The CSV as lists of cells, header first: one line per result row, then one per dequantization row."""
-    ratio_cols = [f"{f}.{k}" for f in YARDSTICKS.values() for k in RATIO_KEYS]
+    ratio_fields = list(YARDSTICKS.values()) + [ONE_ADAPTER]
+    ratio_cols = [f"{f}.{k}" for f in ratio_fields for k in RATIO_KEYS]
     header = CSV_FIELDS + ratio_cols + DEQUANT_CSV_FIELDS
     out = [header]
     for x in results["results"]:
@@ -427,10 +526,10 @@ def csv_rows(results: dict) -> list[list]:
         flat = dict(x)
         flat["adapter_type"] = (x.get("adapter") or {}).get("type")
         flat["adapter_r"] = (x.get("adapter") or {}).get("r")
-        for k in ("step_ms", "fwdbwd_ms"):
+        for k in ("step_ms", "fwdbwd_ms", "fwd_nograd_ms"):
             flat[f"{k}_q1"] = sp.get(k, {}).get("q1")
             flat[f"{k}_q3"] = sp.get(k, {}).get("q3")
-        for f in YARDSTICKS.values():
+        for f in ratio_fields:
             for k in RATIO_KEYS:
                 flat[f"{f}.{k}"] = (x.get(f) or {}).get(k)
         out.append([flat.get(k) for k in header])

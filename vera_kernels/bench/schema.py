@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from .impls import IMPLS
-from .report import RATIO_KEYS, YARDSTICKS, group_key
+from .report import LORA_KINDS, ONE_ADAPTER, RATIO_KEYS, YARDSTICKS, group_key, one_adapter_key, one_adapter_rows
 
 NUM = (int, float)
 ROW_KEYS = {
@@ -16,7 +16,9 @@ ROW_KEYS = {
     "saved_bytes": (int, type(None)), "peak_bytes": (int, type(None)), "peak_kind": str, "timing": str,
     "adapter": dict, "repeats": int, "spread": dict, "ratio_vs_peft": dict, "ratio_vs_base": dict,
     "gpu_fwdbwd_ms": (float, type(None)), "gpu_note": (str, type(None)),
+    "adapters": (int, type(None)), "fwd_nograd_ms": (float, type(None)),
 }
+KINDS = ("layer", "model", "train", "mixed")
 MACHINE_KEYS = {"device": str, "cpu": str, "cpu_count": (int, type(None)), "threads": int, "gpu": (str, type(None)),
                 "python": str, "timing": str, "versions": dict}
 CONFIG_KEYS = {"device": str, "dtypes": list, "model_dtype": str, "r": list, "tokens": list, "shapes": list,
@@ -66,18 +68,27 @@ def validate_results(res: dict) -> list[str]:
         _types(row, ROW_KEYS, w, errs)
         if any(k not in row for k in ROW_KEYS):
             continue
-        if row["kind"] not in ("layer", "model", "train"):
+        if row["kind"] not in KINDS:
             errs.append(f"{w}.kind {row['kind']!r}")
         if row["impl"] not in IMPLS:
             errs.append(f"{w}.impl {row['impl']!r}")
         if row["dtype"] not in ("fp32", "bf16", "fp16"):
             errs.append(f"{w}.dtype {row['dtype']!r}")
+        mixed = row["kind"] == "mixed"
+        if mixed and (not isinstance(row["adapters"], int) or row["adapters"] < 1):
+            errs.append(f"{w}: a mixed row needs a positive adapters count")
+        if not mixed and (row["adapters"] is not None or row["fwd_nograd_ms"] is not None):
+            errs.append(f"{w}: adapters / fwd_nograd_ms are for mixed rows only")
         if row["available"]:
             if row["reason"] is not None:
                 errs.append(f"{w}: available but has a reason")
-            if row["step_ms"] is None or not row["step_ms"] > 0 or row["repeats"] < 1:
+            if mixed:  # no optimizer: fwd, bwd, fwd+bwd and the no-grad forward
+                if row["step_ms"] is not None or row["tokens_per_s"] is not None or row["repeats"] < 1:
+                    errs.append(f"{w}: a mixed row has no step_ms / tokens_per_s and needs repeats")
+            elif row["step_ms"] is None or not row["step_ms"] > 0 or row["repeats"] < 1:
                 errs.append(f"{w}: available but no positive step_ms / repeats")
-            times = ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms") if row["kind"] != "train" else ("step_ms",)
+            times = (("fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_nograd_ms") if mixed else
+                     ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms") if row["kind"] != "train" else ("step_ms",))
             for k in times:
                 v = row[k]
                 if not isinstance(v, float) or not (v > 0 and math.isfinite(v)):
@@ -105,24 +116,26 @@ def validate_results(res: dict) -> list[str]:
         else:
             if not row["reason"]:
                 errs.append(f"{w}: unavailable without a reason")
-            if any(row[k] is not None for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms")):
+            if any(row[k] is not None for k in ("fwd_ms", "bwd_ms", "fwdbwd_ms", "step_ms", "fwd_nograd_ms")):
                 errs.append(f"{w}: unavailable but has times")
         groups.setdefault(group_key(row), {})[row["impl"]] = row
-    # ratios must be the quotient of the raw numbers of the same case
-    for row in rows:
-        if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
-            continue
+    # ratios must be the quotient of the raw numbers of the same case (mixed rows: and of the same implementation's
+    # one-adapter row)
+    good = [r for r in rows if isinstance(r, dict) and all(k in r for k in ROW_KEYS)]
+    ones = one_adapter_rows(good)
+    for row in good:
         members = groups[group_key(row)]
-        for impl, field in YARDSTICKS.items():
+        fields = list(YARDSTICKS.items()) + ([(None, ONE_ADAPTER)] if row["kind"] == "mixed" else [])
+        for impl, field in fields:
             ratios = row.get(field)
             if ratios is None:
-                if field != "ratio_vs_peft_lora" or row["kind"] == "model":
+                if field != "ratio_vs_peft_lora" or row["kind"] in LORA_KINDS:
                     errs.append(f"{row['case']}/{row['impl']}: missing {field}")
                 continue
             if not isinstance(ratios, dict):
                 errs.append(f"{row['case']}/{row['impl']}: {field} is not a dict")
                 continue
-            den = members.get(impl)
+            den = ones.get(one_adapter_key(row)) if impl is None else members.get(impl)
             for k, v in ratios.items():
                 if k not in RATIO_KEYS or not isinstance(v, float):
                     errs.append(f"{row['case']}/{row['impl']}: {field}.{k}={v!r}")

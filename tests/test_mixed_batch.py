@@ -368,3 +368,26 @@ def test_peft_vera_ignores_adapter_names_silently():
         mixed = pm(ids, adapter_names=["a", "b"]).logits
     assert (only_a[1] - only_b[1]).abs().max() > 1e-3
     torch.testing.assert_close(mixed[1], only_a[1], msg="PEFT's VeRA now honours adapter_names per row")
+
+
+def test_pickled_and_copied_models_keep_adapter_names():
+    """torch.save / deepcopy of a patched model: the copy's generate and forward take adapter_names, for the copy."""
+    import copy
+    import io
+
+    model = build("llama", "torch")
+    names = ["b", "a"]
+    ids = token_ids(7, batch=2, length=4)
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model.generate(ids, adapter_names=names, **kw)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for copied in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+            assert copied.generate.__self__ is copied
+            assert torch.equal(copied.generate(ids, adapter_names=names, **kw), want)
+            with torch.no_grad():
+                torch.testing.assert_close(copied(ids, adapter_names=names).logits,
+                                           model(ids, adapter_names=names).logits)

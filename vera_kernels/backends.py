@@ -81,15 +81,19 @@ def auto_backend(device: torch.device, dropout: bool) -> str:
 def resolve_backend(backend: str, device: torch.device, dropout: bool = False) -> str:
     """The concrete backend that runs on ``device`` (``dropout``: whether this call applies adapter dropout, which
     "auto" weighs); raises if the requested one cannot."""
-    check_backend_name(backend)
-    if backend == "auto":
-        env = os.environ.get(ENV_BACKEND, "").strip()
+    if backend == "auto":  # (first: this runs in every adapted layer's forward)
+        env = os.environ.get(ENV_BACKEND)
+        if not env:
+            return auto_backend(device, dropout)
+        env = env.strip()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"{ENV_BACKEND}={env!r} is not a backend; choose one of {BACKEND_CHOICES}")
             backend = env
         else:
             return auto_backend(device, dropout)
+    else:
+        check_backend_name(backend)
     if backend == "triton":
         reason = triton_unavailable_reason(device)
         if reason:

@@ -8,7 +8,6 @@ Inside a patched model a targeted ``<path>`` becomes a VeraLinear whose
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -200,7 +199,8 @@ class VeraLinear(nn.Module):
             training = self.training
             adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
         device = x.device
-        concrete = resolve_backend(self.backend, device, any(a[2] > 0.0 for a in adapters))
+        dropout = adapters[0][2] > 0.0 if len(adapters) == 1 else any(a[2] > 0.0 for a in adapters)
+        concrete = resolve_backend(self.backend, device, dropout)
         impl = get_impl(concrete)
         if adapters[0][0].is_meta:
             raise RuntimeError(
@@ -208,34 +208,41 @@ class VeraLinear(nn.Module):
                 f"offloaded by accelerate); move the patched model to a device before running it ({self.extra_repr()})"
             )
         plain = self._plain_base(args, kwargs)
+        # the base layer runs as set up (hooks, offloading, quantized kernels, autocast) unless it is a plain GEMM
+        base_out = self._base_forward(x, *args, **kwargs) if plain is None else None
         ac = autocast_dtype(device.type)
-        if plain is None:  # the base layer runs as set up (hooks, offloading, quantized kernels, autocast)
-            base_out = self._base_forward(x, *args, **kwargs)
-        with torch.autocast(device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-            xc = x.to(ac) if ac is not None else x
-            xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
-            fused = None
-            if plain is not None:
-                weight, bias = plain
-                if ac is not None:
-                    weight, bias = weight.to(ac), (bias.to(ac) if bias is not None else None)
-                base_out, fused = linear_base(concrete, impl, xf, weight, bias, self.fan_in_fan_out,
-                                              fuse=mixed is None)
-            elif impl.FLAT and base_out.dim() != 2:
-                base_out = base_out.reshape(-1, self.out_features)
-            cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, device.type)
-            check_activation_dtype(xf, allowed_dtypes(concrete))
-            projections = self._modules["vera_projections"]
-            A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
-            share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
-            if mixed is None:
-                y = run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused,
-                                 share=share)
-            else:
-                y = run_mixed(impl, xf, base_out, A_s, B_s, *mixed, compute_dtype=cd, share=share)
+        if ac is None:
+            y = self._adapted(x, x, concrete, impl, plain, base_out, adapters, mixed)
+        else:
+            with torch.autocast(device.type, enabled=False):  # the branch in autocast's dtype, computed as set here
+                if plain is not None:
+                    weight, bias = plain
+                    plain = (weight.to(ac), bias.to(ac) if bias is not None else None)
+                y = self._adapted(x, x.to(ac), concrete, impl, plain, base_out, adapters, mixed)
         if impl.FLAT and x.dim() != 2:
             return y.view(*x.shape[:-1], self.out_features)
         return y
+
+    def _adapted(self, x, xc, concrete, impl, plain, base_out, adapters, mixed):
+        """base + deltas on ``xc`` (x in autocast's dtype where autocast is on, else x): the base GEMM here when
+        ``plain`` = (weight, bias) is given, else the base layer's output ``base_out``; flat (N, features) tensors
+        for the flat backends. ``x`` is the layer's input as it came (the key for sharing h with siblings)."""
+        xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
+        fused = None
+        if plain is not None:
+            base_out, fused = linear_base(concrete, impl, xf, plain[0], plain[1], self.fan_in_fan_out,
+                                          fuse=mixed is None)
+        elif impl.FLAT and base_out.dim() != 2:
+            base_out = base_out.reshape(-1, self.out_features)
+        cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, x.device.type)
+        check_activation_dtype(xf, allowed_dtypes(concrete))
+        projections = self._modules["vera_projections"]
+        A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
+        share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
+        if mixed is None:
+            return run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused,
+                                share=share)
+        return run_mixed(impl, xf, base_out, A_s, B_s, *mixed, compute_dtype=cd, share=share)
 
     def _plain_base(self, args, kwargs):
         """(weight, bias) when the base layer may be computed here as a plain GEMM, else None: only an nn.Linear or

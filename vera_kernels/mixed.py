@@ -28,7 +28,6 @@ one step with one optimizer (make them trainable first, e.g. ``vk.set_adapter(mo
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -217,15 +216,26 @@ def _post_forward(module: nn.Module, args, kwargs, output):
     return None
 
 
-def _generate(self: nn.Module, *args, adapter_names=None, **kwargs):
-    """The model's own ``generate``; with ``adapter_names``, inside ``adapter_batch`` (rows repeated for beams or
-    num_return_sequences keep their adapter)."""
-    generate = type(self).generate.__get__(self)
-    if adapter_names is None:
-        return generate(*args, **kwargs)
-    names = check_adapter_names(self, adapter_names)
-    with _rows_in_force(self, RowAdapters(names, repeats_ok=True)):
-        return generate(*args, **kwargs)
+class _Generate:
+    """``model.generate`` of a patched model (an instance attribute): the model's own ``generate``; with
+    ``adapter_names``, inside ``adapter_batch`` (rows repeated for beams or num_return_sequences keep their adapter).
+    A callable object rather than a bound method so that pickling and deep-copying the model rebind it to the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.__self__ = model
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        model = self.__self__
+        generate = type(model).generate.__get__(model)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        names = check_adapter_names(model, adapter_names)
+        with _rows_in_force(model, RowAdapters(names, repeats_ok=True)):
+            return generate(*args, **kwargs)
+
+    def __reduce__(self):
+        return (_Generate, (self.__self__,))
 
 
 def attach(model: nn.Module) -> None:
@@ -238,14 +248,14 @@ def attach(model: nn.Module) -> None:
         model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True),
     )
     if callable(getattr(type(model), "generate", None)):
-        model.__dict__["generate"] = types.MethodType(_generate, model)
+        model.__dict__["generate"] = _Generate(model)
 
 
 def detach(model: nn.Module) -> None:
     for handle in model.__dict__.pop(_HOOKS_ATTR, ()):
         handle.remove()
     model.__dict__.pop(_STACK_ATTR, None)
-    if getattr(model.__dict__.get("generate"), "__func__", None) is _generate:
+    if isinstance(model.__dict__.get("generate"), _Generate):
         del model.__dict__["generate"]
 
 

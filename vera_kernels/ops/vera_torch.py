@@ -225,8 +225,25 @@ def _apply(fn):
     return apply
 
 
+def _apply_up_native_first():
+    """The up node's apply: the C++ VeraUp (``native_up``: no Python frame in forward's node or in backward) in
+    eager mode where it loads, else VeraUpFunction (under torch.compile and functorch always: they trace it)."""
+    from .native_up import native_up
+
+    python_apply = _apply(VeraUpFunction)
+
+    def apply(base, h, vera_B_s, lambda_d, lambda_b):
+        if not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+            fn = native_up()
+            if fn is not None:
+                return fn(base, h, vera_B_s, lambda_d, lambda_b)
+        return python_apply(base, h, vera_B_s, lambda_d, lambda_b)
+
+    return apply
+
+
 apply_down = _apply(VeraDownFunction)
-apply_up = _apply(VeraUpFunction)
+apply_up = _apply_up_native_first()
 apply_up_mixed = _apply(VeraUpMixedFunction)
 
 

@@ -1,0 +1,145 @@
+"""The C++ up node (csrc/vera_up.cpp, vera_kernels/ops/native_up.py) against the Python VeraUpFunction: the same
+aten ops and dtype rules, so forward and every gradient must be bit-identical; plus loading, switching off and the
+fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vera_kernels.ops import native_up as NU
+from vera_kernels.ops import vera_torch as VT
+
+ROOT = Path(__file__).resolve().parent.parent
+CAN_BUILD = shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
+DISABLED = NU._disabled()
+
+# (base dtype, branch dtype): the branch's compute dtype is the base's, or float32 on the CPU for bf16/fp16 models
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float64, torch.float64)]
+
+
+def _native():
+    if DISABLED:
+        pytest.skip(f"the C++ up node is {DISABLED}")
+    fn = NU.native_up()
+    if fn is None:
+        if CAN_BUILD:
+            pytest.fail(f"a C++ compiler is here but the C++ up node did not load: {NU.native_up_status()}")
+        pytest.skip(f"no C++ compiler: {NU.native_up_status()}")
+    return fn
+
+
+def _inputs(base_dtype, cd, n=13, out=11, r=7, seed=0, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, out, generator=gen).to(base_dtype).requires_grad_()
+    h = torch.randn(n, r, generator=gen).to(cd).requires_grad_()
+    B = torch.randn(out + 5, r, generator=gen)
+    B_s = B[:out]  # a row slice of the shared B, as the layer passes it
+    if strided:
+        B_s = torch.randn(r, out + 3, generator=gen)[:, :out].t()  # not contiguous
+    ld = torch.randn(r, generator=gen).requires_grad_()
+    lb = torch.randn(out, generator=gen).requires_grad_()
+    g = torch.randn(n, out, generator=gen).to(base_dtype)
+    return base, h, B_s, ld, lb, g
+
+
+def _run(fn, base, h, B_s, ld, lb, g, need=(True, True, True, True)):
+    leaves = [t.detach().clone().requires_grad_(flag) for t, flag in zip((base, h, ld, lb), need)]
+    b, hh, d, bb = leaves
+    y = fn(b, hh, B_s, d, bb)
+    y.backward(g)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("base_dtype,cd", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_bit_identical_to_the_python_function(base_dtype, cd, strided):
+    native = _native()
+    python = VT.VeraUpFunction.apply
+    args = _inputs(base_dtype, cd, strided=strided)
+    y_n, g_n = _run(native, *args)
+    y_p, g_p = _run(python, *args)
+    assert y_n.dtype == y_p.dtype == base_dtype
+    assert torch.isfinite(y_n).all()
+    assert torch.equal(y_n, y_p)
+    for name, a, b in zip(("base", "h", "lambda_d", "lambda_b"), g_n, g_p):
+        assert a is not None and b is not None, name
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert a.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("need", [(True, True, False, False), (False, False, True, True), (False, True, True, False),
+                                  (True, False, False, True)])
+def test_only_what_is_needed(need):
+    native = _native()
+    args = _inputs(torch.float32, torch.float32, seed=1)
+    _, g_n = _run(native, *args, need=need)
+    _, g_p = _run(VT.VeraUpFunction.apply, *args, need=need)
+    for flag, a, b in zip(need, g_n, g_p):
+        assert (a is None) == (not flag) and (b is None) == (not flag)
+        if flag:
+            assert torch.equal(a, b)
+
+
+def test_non_contiguous_upstream_gradient_and_nan():
+    native = _native()
+    base, h, B_s, ld, lb, _ = _inputs(torch.float32, torch.float32, seed=2)
+    g = torch.randn(base.shape[1], base.shape[0]).t()  # a transposed (non-contiguous) gradient
+    y_n, g_n = _run(native, base, h, B_s, ld, lb, g)
+    y_p, g_p = _run(VT.VeraUpFunction.apply, base, h, B_s, ld, lb, g)
+    assert torch.equal(y_n, y_p) and all(torch.equal(a, b) for a, b in zip(g_n, g_p))
+    h_nan = h.detach().clone()
+    h_nan[3, 2] = float("nan")
+    y_nan, _ = _run(native, base, h_nan, B_s, ld, lb, g)
+    assert torch.isnan(y_nan[3]).all() and torch.isfinite(y_nan[:3]).all()  # NaN is never hidden
+
+
+def test_the_torch_backend_runs_it_in_eager_mode():
+    import vera_kernels as vk
+    from helpers import tiny_llama, token_ids
+
+    _native()
+    model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False),
+                           backend="torch")
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    node = layer(x).grad_fn.next_functions[0][0]  # (under the view back to x's leading dimensions)
+    assert "CppNode" in node.name() and "VeraUp" in node.name(), node.name()
+    model(token_ids(0)).logits.sum().backward()
+    assert layer.vera_lambda_d["default"].grad.abs().max() > 0
+
+
+def _fresh(env: dict, code: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=ROOT,
+                          timeout=300, check=False)
+
+
+_PROBE = """
+import warnings, torch
+warnings.simplefilter("always")
+from vera_kernels.ops import vera_torch as VT, native_up as NU
+h = torch.randn(4, 3, requires_grad=True)
+y = VT.up(torch.randn(4, 5), h, torch.randn(5, 3), torch.randn(3), torch.randn(5))
+print("NODE", y.grad_fn.name(), "|", NU.native_up_status())
+"""
+
+
+def test_switched_off_is_the_python_function():
+    res = _fresh({NU.ENV_NATIVE_UP: "0"}, _PROBE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "NODE VeraUpFunctionBackward" in res.stdout and f"disabled by {NU.ENV_NATIVE_UP}=0" in res.stdout
+
+
+def test_a_failed_build_falls_back_with_one_warning(tmp_path):
+    res = _fresh({"VERA_KERNELS_CSRC": str(tmp_path), NU.ENV_NATIVE_UP: "1"}, _PROBE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "NODE VeraUpFunctionBackward" in res.stdout and "build failed" in res.stdout
+    assert res.stderr.count("the C++ up node is unavailable") == 1, res.stderr[-3000:]

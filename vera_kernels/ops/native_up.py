@@ -1,0 +1,99 @@
+"""The torch backend's up node in C++ (``csrc/vera_up.cpp``): loaded once, on first use; else the Python Function.
+
+``vera_torch.VeraUpFunction`` and the C++ ``VeraUp`` run the same aten ops with the same dtype rules (bit-identical,
+``tests/test_native_up.py``). The C++ one keeps the autograd engine in C++ for the whole layer: no Python frame in
+forward's node or in backward, ~10 us per adapted layer call on the development machine, where a small eager step is
+bound by the host (``bench/host_overhead.py``).
+
+Loading (first success wins, once per process, under a lock):
+1. ``VERA_KERNELS_NATIVE_UP=0`` or ``VERA_KERNELS_NO_NATIVE=1`` -> the Python Function, silently.
+2. A JIT build with ``torch.utils.cpp_extension.load`` (about 20 s on a 2-core machine, once: the build folder, next
+   to the dequantization extension's, is keyed by a hash of the source, the flags and the torch and Python versions).
+3. Otherwise the Python Function, and ONE ``NativeUnavailableWarning`` saying why (results are the same).
+The C++ node is used in eager mode only: torch.compile and functorch transforms trace the Python Function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+ENV_NATIVE_UP = "VERA_KERNELS_NATIVE_UP"
+SOURCE = "vera_up.cpp"
+
+_lock = threading.Lock()
+_loaded: list = []  # [callable or None] once loaded
+_status = ["not loaded yet (loaded on first use)"]
+
+
+def _disabled() -> Optional[str]:
+    from ..quant import _native
+
+    if _native._truthy(os.environ.get(_native.ENV_NO_NATIVE)):
+        return f"disabled by {_native.ENV_NO_NATIVE}=1"
+    value = os.environ.get(ENV_NATIVE_UP)
+    if value is not None and not _native._truthy(value):
+        return f"disabled by {ENV_NATIVE_UP}={value}"
+    return None
+
+
+def _build() -> Callable:
+    from torch.utils import cpp_extension
+
+    from ..quant import _native
+
+    source = _native.csrc_dir() / SOURCE
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} not found (set {_native.ENV_CSRC})")
+    err = _native._ensure_ninja()
+    if err:
+        raise RuntimeError(err)
+    cflags = ["-O2"] if os.name != "nt" else ["/O2"]
+    tag = hashlib.sha256(f"{torch.__version__}|{sys.version}|{sys.platform}|{cflags}".encode()
+                         + source.read_bytes()).hexdigest()[:16]
+    build_dir = _native._cache_base() / f"vera_kernels_up-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _native._clear_stale_lock(build_dir)
+    module = cpp_extension.load(name="vera_kernels_up", sources=[str(source)], extra_cflags=cflags,
+                                build_directory=str(build_dir), verbose=_native._truthy(
+                                    os.environ.get(_native.ENV_VERBOSE)), is_python_module=True)
+    return module.vera_up
+
+
+def native_up() -> Optional[Callable]:
+    """The C++ ``vera_up(base, h, B_s, lambda_d, lambda_b)``, or None (disabled or not buildable here)."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            fn, why = None, _disabled()
+            if why is None:
+                try:
+                    fn = _build()
+                    why = "jit-built"
+                except Exception as exc:  # never let loading break the caller: the Python Function runs instead
+                    from ..quant import _native
+
+                    why = f"build failed: {_native._short(exc, 1500, tail=True)}"
+                    warnings.warn(f"vera_kernels: the C++ up node is unavailable ({why}); the torch backend uses "
+                                  "its Python autograd.Function (same results, more host time per layer)",
+                                  _native.NativeUnavailableWarning, stacklevel=3)
+            _status[0] = why
+            _loaded.append(fn)
+    return _loaded[0]
+
+
+def native_up_status() -> str:
+    return _status[0]
+
+
+def reset_for_tests() -> None:
+    with _lock:
+        _loaded.clear()
+        _status[0] = "not loaded yet (loaded on first use)"

@@ -35,8 +35,8 @@ _status = ["not loaded yet (loaded on first use)"]
 def _disabled() -> Optional[str]:
     from ..quant import _native
 
-    if _native._truthy(os.environ.get(_native.ENV_NO_NATIVE)):
-        return f"disabled by {_native.ENV_NO_NATIVE}=1"
+    if _native._truthy(os.environ.get("VERA_KERNELS_NO_NATIVE")):  # (_native.ENV_NO_NATIVE)
+        return "disabled by VERA_KERNELS_NO_NATIVE=1"
     value = os.environ.get(ENV_NATIVE_UP)
     if value is not None and not _native._truthy(value):
         return f"disabled by {ENV_NATIVE_UP}={value}"
@@ -62,7 +62,7 @@ def _build() -> Callable:
     _native._clear_stale_lock(build_dir)
     module = cpp_extension.load(name="vera_kernels_up", sources=[str(source)], extra_cflags=cflags,
                                 build_directory=str(build_dir), verbose=_native._truthy(
-                                    os.environ.get(_native.ENV_VERBOSE)), is_python_module=True)
+                                    os.environ.get("VERA_KERNELS_VERBOSE_BUILD")), is_python_module=True)
     return module.vera_up
 
 

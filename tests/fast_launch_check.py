@@ -349,6 +349,153 @@ def fallback_runs(launches) -> dict:
     return out
 
 
+# ============================================================================================ bound launches
+def _slots_of(args) -> tuple:
+    slots = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and not any(a is t for t in slots):
+            slots.append(a)
+    return tuple(slots)
+
+
+def _like(t: torch.Tensor, dtype=None, misaligned=None) -> torch.Tensor:
+    """A fresh stand-in tensor like ``t``: the same dtype and 16-byte alignment unless told otherwise."""
+    aligned = t.data_ptr() % 16 == 0
+    return standin_tensor(dtype or t.dtype, misaligned=(not aligned) if misaligned is None else misaligned)
+
+
+def bound_runs(launches, blind: bool = False) -> dict:
+    """Section 5: triton_launch.bind / BoundLaunch. Every backend launch is bound, then repeated with fresh tensors
+    of the same dtypes and alignments (the bound launcher call must be taken: no triton_launch.launch) and with one
+    slot at a time misaligned or of another dtype (it must fall back to launch); each call's launcher arguments are
+    compared with Triton's own run() on the same arguments. A bound launch must keep no tensor. With ``blind`` its
+    per-slot dtype and alignment check is removed: that must produce wrong kernels (the check is what holds)."""
+    record = LauncherCalls()
+    out = dict(calls=0, unbindable=0, kept_tensors=0, wrong_kernel=0, wrong_args=0, same=0, took_bound=0,
+               variant=0, fell_back=0)
+    real_launch = tl.launch
+    fallbacks = []
+
+    def counting_launch(*a, **k):
+        fallbacks.append(1)
+        return real_launch(*a, **k)
+
+    with StandInCompiler(record):
+        driver.set_active(tcc._TargetOnlyDriver(90))
+        try:
+            for n, (fn, args, kwargs) in enumerate(launches):
+                grid = grid_for(n)
+                slots = _slots_of(args)
+                with tl.recording() as calls:
+                    tl.launch(fn, grid, *args, **kwargs)
+                bound = tl.bind(calls[0], slots)
+                if bound is None:
+                    out["unbindable"] += 1
+                    continue
+                out["kept_tensors"] += sum(isinstance(a, torch.Tensor) for a in bound.template)
+                if blind:
+                    bound.specs = ()
+                trials = [("same", tuple(_like(t) for t in slots))]
+                for j, t in enumerate(slots):
+                    base = [_like(u) for u in slots]
+                    trials.append(("variant", tuple(base[:j] + [_like(t, misaligned=t.data_ptr() % 16 == 0)]
+                                                    + base[j + 1:])))
+                    trials.append(("variant", tuple(base[:j] + [_like(t, dtype=OTHER_DTYPE[t.dtype])]
+                                                    + base[j + 1:])))
+                for kind, new in trials:
+                    sub = tuple(new[next(j for j, t in enumerate(slots) if t is a)] if isinstance(a, torch.Tensor)
+                                else a for a in args)
+                    record.calls.clear()
+                    fallbacks.clear()
+                    tl.launch = counting_launch
+                    try:
+                        bound(new)
+                    finally:
+                        tl.launch = real_launch
+                    fn.run(*sub, grid=grid, warmup=False, **kwargs)
+                    (kf, gf, sf, ff, pf, _, af), (kr, gr, sr, fr, pr, _, ar) = record.calls
+                    out["calls"] += 1
+                    out[kind] += 1
+                    out["took_bound" if not fallbacks else "fell_back"] += 1
+                    if kf is not kr:
+                        out["wrong_kernel"] += 1
+                    elif (gf, sf, ff, pf) != (gr, sr, fr, pr) or len(af) != len(ar) or any(
+                            x is not y and not (type(x) is type(y) and type(x) in (int, float) and x == y)
+                            for x, y in zip(af, ar)):
+                        out["wrong_args"] += 1
+        finally:
+            tl.launch = real_launch
+            driver.set_active(None)
+            for fn, _, _ in launches:
+                fn.device_caches.clear()
+            tl.clear()
+    return out
+
+
+def _tensor_spec(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
+    return a
+
+
+def plan_runs() -> dict:
+    """Section 6: the triton backend's backward plan (vera_triton._UpBackwardPlan) launches what its unplanned path
+    launches: the same kernels with the same arguments (tensors compared by dtype, shape, strides and alignment),
+    for odd shapes, a strided g, every dtype, with and without the lambda gradients; a misaligned g on a planned
+    signature gets the kernel the unplanned path picks for it; the plan keeps no tensor alive."""
+    import gc
+    import weakref
+
+    vt = tcc.load_backend(None)
+    record = LauncherCalls()
+    out = dict(signatures=0, planned=0, same_launches=0, misaligned_same=0, alive_after=0)
+    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
+             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
+
+    def inputs(M, n_out, r, dtype, strided, misaligned=False):
+        g = torch.empty(M * n_out + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n_out]
+        g = g.view(M, n_out) if not strided else torch.empty((n_out, M), dtype=dtype, device="meta").t()
+        h = torch.empty((M, r), dtype=dtype, device="meta")
+        B_s = torch.empty((n_out + 3, r), device="meta")[:n_out]
+        return g, h, B_s, torch.empty(r, device="meta"), torch.empty(n_out, device="meta")
+
+    def launched(args, need):
+        record.calls.clear()
+        result = vt._up_bwd_impl(*args, need)
+        calls = [(k, grid, tuple(map(_tensor_spec, a))) for k, grid, _, _, _, _, a in record.calls]
+        record.calls.clear()  # (they hold the tensors)
+        return calls, result
+
+    with StandInCompiler(record):
+        driver.set_active(tcc._TargetOnlyDriver(90))
+        try:
+            for M, n_out, r, dtype, strided in cases:
+                for need in (True, False):
+                    vt._UP_BWD_PLANS.clear()
+                    args = inputs(M, n_out, r, dtype, strided)
+                    first, _ = launched(args, need)  # builds the plan
+                    out["signatures"] += 1
+                    out["planned"] += len(vt._UP_BWD_PLANS)
+                    again, result = launched(inputs(M, n_out, r, dtype, strided), need)  # through the plan
+                    out["same_launches"] += again == first and len(first) == 2
+                    ref = weakref.ref(result[0])
+                    del result
+                    gc.collect()
+                    out["alive_after"] += ref() is not None
+                    if not strided:
+                        odd = inputs(M, n_out, r, dtype, strided, misaligned=True)
+                        planned, _ = launched(odd, need)
+                        vt._UP_BWD_PLANS.clear()
+                        unplanned, _ = launched(odd, need)
+                        out["misaligned_same"] += planned == unplanned and planned != first
+        finally:
+            driver.set_active(None)
+            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel):
+                fn.device_caches.clear()
+            tl.clear()
+    return out
+
+
 # ============================================================================================ compiled
 def compiled_run() -> dict:
     """Section 4: _scale_projection_kernel compiled for sm_90, the launcher call recorded (no GPU)."""
@@ -405,6 +552,9 @@ def main(argv=None) -> int:
     # one launch per kernel is enough for a blind key to pick a wrong kernel among its variants
     result["mutations"] = mutation_runs(list({fn.__name__: (fn, a, k) for fn, a, k in launches}.values()))
     result["fallbacks"] = fallback_runs(launches)
+    result["bound"] = bound_runs(launches)
+    result["bound, blind"] = bound_runs(launches, blind=True)
+    result["plans"] = plan_runs()
     result["compiled"] = compiled_run()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result, indent=1)

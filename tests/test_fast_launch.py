@@ -58,6 +58,18 @@ def test_fast_path_launches_what_triton_launches(tmp_path, triton_version):
 
     # a key blind to any component picks a wrong kernel somewhere among those calls
     assert set(r["mutations"]) == KEY_COMPONENTS, report
+
+    # bound launches (triton_launch.bind): every backend launch binds; fresh tensors of the same dtypes and
+    # alignments take the bound launcher call, any other tensor falls back; all pick Triton's kernel and arguments
+    b = r["bound"]
+    assert b["unbindable"] == 0 and b["kept_tensors"] == 0 and b["same"] == r["launches"], report
+    assert b["wrong_kernel"] == 0 and b["wrong_args"] == 0, report
+    assert b["took_bound"] == b["same"] and b["fell_back"] == b["variant"] > 0, report
+    assert r["bound, blind"]["wrong_kernel"] > 0, report  # without its per-slot check a bound launch goes wrong
+    # the backward's plan launches what its unplanned path launches, and keeps no tensor alive
+    p = r["plans"]
+    assert p["signatures"] == p["planned"] == p["same_launches"] == 8, report
+    assert p["misaligned_same"] == 4 and p["alive_after"] == 0, report
     assert all(n > 0 for n in r["mutations"].values()), report
 
     fb = r["fallbacks"]

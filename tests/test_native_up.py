@@ -143,3 +143,95 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "NODE VeraUpFunctionBackward" in res.stdout and "build failed" in res.stdout
     assert res.stderr.count("the C++ up node is unavailable") == 1, res.stderr[-3000:]
+
+
+# ============================================================================================ the triton backend's
+# VeraUpPyBackward: the C++ forward (the same aten ops as VeraUpTritonFunction's) and a backward through the triton
+# backend's _up_bwd_impl (its Triton kernels, run by the interpreter here)
+def _triton():
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("the triton backend runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1)")
+    pytest.importorskip("triton")
+    from vera_kernels.ops import vera_triton as VTr
+
+    _native()
+    fn = NU.native_up_py_backward(VTr._up_bwd_impl)
+    assert fn is not None, NU.native_up_status()
+    return VTr, fn
+
+
+def _triton_python(VTr):
+    def apply(base, h, B_s, ld, lb):
+        return VTr.VeraUpTritonFunction.apply(base, h, B_s, ld, lb, None, None, None, False, "cublas")
+    return apply
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_triton_node_bit_identical_to_its_python_function(dtype, strided):
+    VTr, native = _triton()
+    args = _inputs(dtype, dtype, n=37, out=45, r=19, seed=3, strided=strided)
+    y_n, g_n = _run(native, *args)
+    y_p, g_p = _run(_triton_python(VTr), *args)
+    assert torch.isfinite(y_n.float()).all() and torch.equal(y_n, y_p)
+    for name, a, b in zip(("base", "h", "lambda_d", "lambda_b"), g_n, g_p):
+        assert a is not None and b is not None, name
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert a.abs().max() > 0, name
+    # and both are VeRA's gradient: the float64 autograd of the formula
+    base, h, B_s, ld, lb, g = (t.detach().double() for t in args)
+    leaves = [t.clone().requires_grad_() for t in (base, h, ld, lb)]
+    y64 = leaves[0] + leaves[3] * ((leaves[1] * leaves[2]) @ B_s.t())
+    y64.backward(g)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, ref in zip(("base", "h", "lambda_d", "lambda_b"), g_n, leaves):
+        err = (a.double() - ref.grad).abs().max() / ref.grad.abs().max()
+        assert err < tol, (name, float(err))
+
+
+@pytest.mark.parametrize("need", [(True, True, False, False), (False, False, True, True), (False, True, True, False),
+                                  (True, False, False, True)])
+def test_triton_node_only_what_is_needed(need):
+    VTr, native = _triton()
+    args = _inputs(torch.float32, torch.float32, n=21, out=17, r=5, seed=4)
+    _, g_n = _run(native, *args, need=need)
+    _, g_p = _run(_triton_python(VTr), *args, need=need)
+    for flag, a, b in zip(need, g_n, g_p):
+        assert (a is None) == (not flag) and (b is None) == (not flag)
+        if flag:
+            assert torch.equal(a, b)
+
+
+def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
+    VTr, native = _triton()
+    base, h, B_s, ld, lb, g = _inputs(torch.float32, torch.float32, seed=5)
+    y = native(base, h, B_s, ld, lb)
+
+    def broken(*args):
+        raise ValueError("a broken backward")
+
+    NU._py_backward.clear()
+    try:
+        NU.native_up_py_backward(broken)  # re-registered in the module: the node's next backward calls it
+        with pytest.raises(RuntimeError, match="a broken backward"):
+            y.backward(g)
+    finally:
+        NU._py_backward.clear()
+        assert NU.native_up_py_backward(VTr._up_bwd_impl) is not None
+    _, grads = _run(native, base, h, B_s, ld, lb, g)  # and the real one is back
+    assert all(t is not None and torch.isfinite(t).all() for t in grads)
+
+
+def test_the_triton_backend_runs_it_in_eager_mode():
+    import vera_kernels as vk
+    from helpers import tiny_llama, token_ids
+
+    _triton()
+    model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False),
+                           backend="triton")
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    node = layer(x).grad_fn.next_functions[0][0]
+    assert "CppNode" in node.name() and "VeraUpPyBackward" in node.name(), node.name()
+    model(token_ids(0)).logits.sum().backward()
+    assert layer.vera_lambda_d["default"].grad.abs().max() > 0

@@ -1,9 +1,11 @@
-"""The torch backend's up node in C++ (``csrc/vera_up.cpp``): loaded once, on first use; else the Python Function.
+"""The up node in C++ (``csrc/vera_up.cpp``): loaded once, on first use; else the Python Functions.
 
 ``vera_torch.VeraUpFunction`` and the C++ ``VeraUp`` run the same aten ops with the same dtype rules (bit-identical,
 ``tests/test_native_up.py``). The C++ one keeps the autograd engine in C++ for the whole layer: no Python frame in
-forward's node or in backward, ~10 us per adapted layer call on the development machine, where a small eager step is
-bound by the host (``bench/host_overhead.py``).
+forward's node or in backward, ~50 us per adapted layer call on the development machine, where a small eager step is
+bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
+the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_impl`` (its Triton launches)
+and nothing else in Python (``native_up_py_backward``).
 
 Loading (first success wins, once per process, under a lock):
 1. ``VERA_KERNELS_NATIVE_UP=0`` or ``VERA_KERNELS_NO_NATIVE=1`` -> the Python Function, silently.
@@ -43,7 +45,7 @@ def _disabled() -> Optional[str]:
     return None
 
 
-def _build() -> Callable:
+def _build():
     from torch.utils import cpp_extension
 
     from ..quant import _native
@@ -63,11 +65,37 @@ def _build() -> Callable:
     module = cpp_extension.load(name="vera_kernels_up", sources=[str(source)], extra_cflags=cflags,
                                 build_directory=str(build_dir), verbose=_native._truthy(
                                     os.environ.get("VERA_KERNELS_VERBOSE_BUILD")), is_python_module=True)
-    return module.vera_up
+    return module
 
 
 def native_up() -> Optional[Callable]:
     """The C++ ``vera_up(base, h, B_s, lambda_d, lambda_b)``, or None (disabled or not buildable here)."""
+    module = _module()
+    return module.vera_up if module is not None else None
+
+
+_py_backward: dict = {}  # id(backward) -> the C++ apply registered with it (one backward at a time in the module)
+
+
+def native_up_py_backward(backward: Callable) -> Optional[Callable]:
+    """The C++ ``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)`` whose backward calls ``backward(g, h, B_s,
+    lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)``, or None (disabled or not buildable)."""
+    fn = _py_backward.get(id(backward))
+    if fn is not None:
+        return fn
+    module = _module()
+    if module is None:
+        return None
+    with _lock:
+        if id(backward) not in _py_backward:
+            if _py_backward:
+                raise RuntimeError("vera_kernels: the C++ up node's Python backward is already registered")
+            module.set_up_backward(backward)
+            _py_backward[id(backward)] = module.vera_up_py_backward
+    return _py_backward[id(backward)]
+
+
+def _module():
     if _loaded:
         return _loaded[0]
     with _lock:
@@ -81,9 +109,9 @@ def native_up() -> Optional[Callable]:
                     from ..quant import _native
 
                     why = f"build failed: {_native._short(exc, 1500, tail=True)}"
-                    warnings.warn(f"vera_kernels: the C++ up node is unavailable ({why}); the torch backend uses "
-                                  "its Python autograd.Function (same results, more host time per layer)",
-                                  _native.NativeUnavailableWarning, stacklevel=3)
+                    warnings.warn(f"vera_kernels: the C++ up node is unavailable ({why}); the torch and triton backends use "
+                                  "their Python autograd.Functions (same results, more host time per layer)",
+                                  _native.NativeUnavailableWarning, stacklevel=4)
             _status[0] = why
             _loaded.append(fn)
     return _loaded[0]
@@ -96,4 +124,5 @@ def native_up_status() -> str:
 def reset_for_tests() -> None:
     with _lock:
         _loaded.clear()
+        _py_backward.clear()
         _status[0] = "not loaded yet (loaded on first use)"

@@ -51,8 +51,10 @@ Invariants (what makes a hit launch the kernel Triton would launch, with the arg
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import threading
 from typing import Any
 
 import torch
@@ -116,6 +118,8 @@ _STATES: dict = {}
 def launch(fn, grid: tuple, *args, **kwargs):
     """``fn[grid](*args, **kwargs)``, through the kernel Triton compiled for such a call before when there is one
     (see the module docstring). Returns what Triton's launch returns: the compiled kernel."""
+    if _RECORDING.calls is not None:
+        _RECORDING.calls.append((fn, grid, args, kwargs))
     state = _STATES.get(id(fn))
     if state is None or state.fn is not fn:
         state = _STATES[id(fn)] = _KernelState(fn)
@@ -139,6 +143,131 @@ def launch(fn, grid: tuple, *args, **kwargs):
     if key is not None:
         _record(state, key, kernel, args, kwargs)
     return kernel
+
+
+class BoundLaunch:
+    """One launch kept to be repeated with other tensors in the same places (made by ``bind``): the cheapest
+    relaunch, for a call site that launches one kernel with the same scalar arguments call after call (a layer's
+    backward at a fixed shape). ``bound(slots)`` launches again with ``slots[j]`` wherever the bound call had the
+    j-th slot's tensor; its cost is one dtype and alignment check per slot, not a key over every argument.
+
+    Invariant (the caller's): whatever decides to reuse a BoundLaunch must determine every non-tensor argument
+    (ints, floats, constexprs, the grid); they are replayed as bound. The BoundLaunch checks the rest, on every call:
+    each slot's dtype and 16-byte alignment against the bound tensor's, the current device, and invariants 2 and 3
+    of the module docstring (nothing observing the launch, the same launcher, unchanged globals, the switch on).
+    Any difference sends the call through ``launch`` with the substituted arguments: never a kernel compiled for
+    other tensors."""
+
+    __slots__ = ("fn", "grid", "kwargs", "kernel", "launcher", "device", "template", "kw_values", "positions",
+                 "specs", "g0", "g1", "g2")
+
+    def __init__(self, fn, grid, kwargs, kernel, launcher, device, args, kw_params, positions, specs):
+        self.fn, self.grid, self.kwargs = fn, grid, kwargs
+        self.kernel, self.launcher, self.device = kernel, launcher, device
+        # no tensor is kept (a kept one would outlive its step: memory, and the h that vera_kernels.sharing holds
+        # weakly so that it dies with its graph): each call fills them in from its slots
+        self.template = [None if isinstance(a, torch.Tensor) else a for a in args]
+        self.kw_values = tuple(kwargs[n] for n in kw_params)
+        self.positions = positions  # ((argument index, slot index), ...)
+        self.specs = specs  # ((slot index, dtype, aligned), ...), one per slot used
+        self.g0, self.g1, self.g2 = grid + _GRID_PAD[len(grid)]
+
+    def _args(self, slots) -> list:
+        args = self.template.copy()
+        for i, j in self.positions:
+            args[i] = slots[j]
+        return args
+
+    def __call__(self, slots):
+        fn, kernel = self.fn, self.kernel
+        ok = (ENABLED and kernel.run is self.launcher and not _observed(fn)
+              and (not fn.used_global_vals or _globals_unchanged(fn))
+              and driver.active.get_current_device() == self.device)
+        if ok:
+            for j, dtype, aligned in self.specs:
+                t = slots[j]
+                if not isinstance(t, torch.Tensor) or t.dtype != dtype or (t.data_ptr() % 16 == 0) is not aligned:
+                    ok = False
+                    break
+        if not ok:
+            return launch(fn, self.grid, *self._args(slots), **self.kwargs)
+        self.launcher(self.g0, self.g1, self.g2, driver.active.get_current_stream(self.device), kernel.function,
+                      kernel.packed_metadata, None, None, None, *self._args(slots), *self.kw_values)
+        return kernel
+
+
+class _Recording(threading.local):
+    calls = None  # a list while a thread records its launches (``recording``), else None
+
+
+_RECORDING = _Recording()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the launches this thread makes inside the block, as (fn, grid, args, kwargs), for ``bind``."""
+    saved, calls = _RECORDING.calls, []
+    _RECORDING.calls = calls
+    try:
+        yield calls
+    finally:
+        _RECORDING.calls = saved
+
+
+def bind(call: tuple, slots: tuple):
+    """A ``BoundLaunch`` repeating ``call`` (fn, grid, args, kwargs), one recorded by ``recording``, with other
+    ``slots`` (a tuple of tensors or None: every tensor argument of the call must be one of them, by identity); None
+    where the call cannot be bound: the fast path did not keep the kernel it launched (it does not apply to this
+    call, or the switch is off), or a tensor argument is not a slot."""
+    fn, grid, args, kwargs = call
+    state = _STATES.get(id(fn))
+    if state is None or state.fn is not fn or not (ENABLED and state.usable) or type(grid) is not tuple \
+            or len(grid) not in _GRID_PAD or _observed(fn):
+        return None
+    device = driver.active.get_current_device()
+    key = call_key(state, device, args, kwargs)
+    try:
+        entry = state.entries.get(key) if key is not None else None
+    except TypeError:
+        return None
+    if entry is None:
+        return None
+    positions, specs, seen = [], [], set()
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            j = next((j for j, t in enumerate(slots) if t is a), None)
+            if j is None:
+                return None
+            positions.append((i, j))
+            if j not in seen:
+                seen.add(j)
+                specs.append((j, a.dtype, a.data_ptr() % 16 == 0))
+    kernel, launcher, kw_params = entry
+    return BoundLaunch(fn, grid, dict(kwargs), kernel, launcher, device, args, kw_params, tuple(positions),
+                       tuple(specs))
+
+
+_PLAN_CACHES: list = []
+
+
+def plan_cache(limit: int = 256) -> "PlanCache":
+    """A dict for a call site's bound launches, by the site's own key; ``clear()`` empties it with the kernels."""
+    cache = PlanCache(limit)
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+class PlanCache(dict):
+    """A call site's plans by key, emptied when it would grow past ``limit`` (shapes that change every step)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, plan) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
 
 
 def call_key(state: _KernelState, device, args: tuple, kwargs: dict):
@@ -243,3 +372,5 @@ def clear() -> None:
     """Forget every kept kernel (Triton's own cache is untouched)."""
     for state in _STATES.values():
         state.entries.clear()
+    for cache in _PLAN_CACHES:
+        cache.clear()

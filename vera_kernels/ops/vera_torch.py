@@ -225,21 +225,28 @@ def _apply(fn):
     return apply
 
 
-def _apply_up_native_first():
-    """The up node's apply: the C++ VeraUp (``native_up``: no Python frame in forward's node or in backward) in
-    eager mode where it loads, else VeraUpFunction (under torch.compile and functorch always: they trace it)."""
-    from .native_up import native_up
+def native_first(python_apply, native):
+    """An apply that runs the C++ node ``native()`` returns (None: not loadable here, see ops/native_up.py) in eager
+    mode, else ``python_apply`` (under torch.compile and functorch transforms always: they trace the Python
+    Function)."""
+    transforms_active = torch._C._are_functorch_transforms_active
 
-    python_apply = _apply(VeraUpFunction)
-
-    def apply(base, h, vera_B_s, lambda_d, lambda_b):
-        if not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
-            fn = native_up()
+    def apply(*args):
+        if not torch.compiler.is_compiling() and not transforms_active():
+            fn = native()
             if fn is not None:
-                return fn(base, h, vera_B_s, lambda_d, lambda_b)
-        return python_apply(base, h, vera_B_s, lambda_d, lambda_b)
+                return fn(*args)
+        return python_apply(*args)
 
     return apply
+
+
+def _apply_up_native_first():
+    """The up node's apply: the C++ VeraUp (no Python frame in forward's node or in backward) where it loads, else
+    VeraUpFunction."""
+    from .native_up import native_up
+
+    return native_first(_apply(VeraUpFunction), native_up)
 
 
 apply_down = _apply(VeraDownFunction)

@@ -56,14 +56,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import launch
+from .triton_launch import bind, launch, plan_cache, recording
 
 
 
 # ============================================================================================ reference
 # The math the kernels below implement, in plain torch (differentiable; float64 in the tests and gpu-check).
 from .reference import vera_formula  # noqa: E402,F401
-from .vera_torch import _apply, _as, _fold  # noqa: E402
+from .vera_torch import _apply, _as, _fold, native_first  # noqa: E402
 from .vera_torch import down as torch_down  # noqa: E402
 
 
@@ -851,15 +851,74 @@ def _up_bwd_impl(
 
     Two Triton launches besides cuBLAS's G = g^T h: scale_projection writes diag(lambda_b) B_s and finishes
     dlambda_b from G in the same pass over B_s; the down kernel gives grad_h = g (lambda_b B_s) diag(lambda_d) and
-    per-tile partials of dlambda_d = sum_n (g lambda_b B_s) * h, summed here in a fixed order (deterministic)."""
-    cd = g.dtype
+    per-tile partials of dlambda_d = sum_n (g lambda_b B_s) * h, summed here in a fixed order (deterministic).
+    Host path: the first call of a signature runs the launchers below and keeps both launches bound
+    (``_UpBackwardPlan``); the next ones allocate and relaunch only (a layer's backward repeats its shapes)."""
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    G = (g.t() @ h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, instead of (N x out) products
-    Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
-    grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
+    key = _UpBackwardPlan.key(g, h, vera_B_s, need_lambdas)
+    plan = _UP_BWD_PLANS.get(key)
+    if plan is not None:
+        return plan(g, h, vera_B_s, lambda_d, lambda_b)
+    cd = g.dtype
+    with recording() as calls:
+        G = torch.mm(g.t(), h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, no (N x out) products
+        Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
+        grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
+    if len(calls) == 2:
+        plan = _UpBackwardPlan.bind(calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h, part_ld))
+        if plan is not None:
+            _UP_BWD_PLANS.put(key, plan)
     if need_lambdas:
         return grad_h, part_ld.sum(0), dlb
     return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)  # no aliasing
+
+
+class _UpBackwardPlan:
+    """_up_bwd_impl's two launches bound (triton_launch.BoundLaunch) for one signature of its inputs. ``key`` is
+    everything the launches' scalar arguments and the outputs' shapes are computed from: the shapes and strides of
+    g, h and B_s, g's dtype and device, need_lambdas, and the float32 matmul precision (a constexpr of fp32
+    kernels); the bound launches check every tensor's dtype and alignment themselves."""
+
+    __slots__ = ("launches", "need_lambdas", "shapes", "cd", "device")
+
+    @staticmethod
+    def key(g, h, vera_B_s, need_lambdas):
+        return (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
+                need_lambdas, torch.get_float32_matmul_precision() if g.dtype == torch.float32 else None)
+
+    @classmethod
+    def bind(cls, calls, slots):
+        launches = tuple(bind(call, slots) for call in calls)
+        if any(b is None for b in launches):
+            return None
+        plan = cls()
+        plan.launches = launches
+        g, _, _, _, _, G, Bl, dlb, grad_h, part = slots
+        plan.need_lambdas = G is not None
+        plan.shapes = (tuple(Bl.shape), tuple(grad_h.shape), tuple(part.shape) if part is not None else None)
+        plan.cd, plan.device = g.dtype, g.device
+        return plan
+
+    def __call__(self, g, h, vera_B_s, lambda_d, lambda_b):
+        bl_shape, gh_shape, part_shape = self.shapes
+        cd, device = self.cd, self.device
+        G = torch.mm(g.t(), h) if self.need_lambdas else None
+        Bl = torch.empty(bl_shape, device=device, dtype=cd)
+        grad_h = torch.empty(gh_shape, device=device, dtype=cd)
+        if self.need_lambdas:
+            dlb = torch.empty(bl_shape[0], device=device, dtype=torch.float32)
+            part = torch.empty(part_shape, device=device, dtype=torch.float32)
+        else:
+            dlb = part = None
+        slots = (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h, part)
+        for bound in self.launches:
+            bound(slots)
+        if self.need_lambdas:
+            return grad_h, part.sum(0), dlb
+        return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
+
+
+_UP_BWD_PLANS = plan_cache()
 
 
 def _up_mixed_fwd_impl(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor,
@@ -1039,8 +1098,21 @@ class VeraUpMixedTritonFunction(torch.autograd.Function):
                 None, None)
 
 
+def _apply_up_plain():
+    """The up node without a fused base: the C++ node whose backward calls ``_up_bwd_impl`` (native_up.py:
+    ``VeraUpPyBackward``, the same forward as the torch backend's C++ node) where it loads, else
+    VeraUpTritonFunction."""
+    from .native_up import native_up_py_backward
+
+    def python_apply(base, h, vera_B_s, lambda_d, lambda_b):
+        return apply_up(base, h, vera_B_s, lambda_d, lambda_b, None, None, None, False, "cublas")
+
+    return native_first(python_apply, lambda: native_up_py_backward(_up_bwd_impl))
+
+
 apply_down_dropout = _apply(VeraDownTritonFunction)
 apply_up = _apply(VeraUpTritonFunction)
+apply_up_plain = _apply_up_plain()
 apply_up_mixed = _apply(VeraUpMixedTritonFunction)
 
 
@@ -1064,7 +1136,7 @@ def up(base: Optional[torch.Tensor], h: torch.Tensor, vera_B_s: torch.Tensor, la
     """base + h R^T (base (N, out), h (N, r) in the compute dtype, B_s (out, r) and the lambdas float32); with
     ``fused_base = (x, weight, bias, fan_in_fan_out, mode)`` and base None, the base GEMM is computed here."""
     if fused_base is None:
-        return apply_up(base, h, vera_B_s, lambda_d, lambda_b, None, None, None, False, "cublas")
+        return apply_up_plain(base, h, vera_B_s, lambda_d, lambda_b)
     x, weight, bias, fan_in_fan_out, mode = fused_base
     if mode not in ("cublas-accumulate", "triton"):
         raise ValueError(f"vera_kernels: base_gemm={mode!r} is not a fused arrangement")

@@ -394,7 +394,7 @@ def bound_runs(launches, blind: bool = False) -> dict:
                     continue
                 out["kept_tensors"] += sum(isinstance(a, torch.Tensor) for a in bound.template)
                 if blind:
-                    bound.specs = ()
+                    bound.specs, bound.slot_order = [], ()
                 trials = [("same", tuple(_like(t) for t in slots))]
                 for j, t in enumerate(slots):
                     base = [_like(u) for u in slots]

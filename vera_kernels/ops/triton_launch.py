@@ -159,7 +159,7 @@ class BoundLaunch:
     other tensors."""
 
     __slots__ = ("fn", "grid", "kwargs", "kernel", "launcher", "device", "template", "kw_values", "positions",
-                 "specs", "g0", "g1", "g2")
+                 "slot_order", "specs", "g0", "g1", "g2")
 
     def __init__(self, fn, grid, kwargs, kernel, launcher, device, args, kw_params, positions, specs):
         self.fn, self.grid, self.kwargs = fn, grid, kwargs
@@ -169,7 +169,8 @@ class BoundLaunch:
         self.template = [None if isinstance(a, torch.Tensor) else a for a in args]
         self.kw_values = tuple(kwargs[n] for n in kw_params)
         self.positions = positions  # ((argument index, slot index), ...)
-        self.specs = specs  # ((slot index, dtype, aligned), ...), one per slot used
+        self.slot_order = tuple(j for j, _, _ in specs)  # the slots used, each once
+        self.specs = [(dtype, aligned) for _, dtype, aligned in specs]  # (a list: compared with a list per call)
         self.g0, self.g1, self.g2 = grid + _GRID_PAD[len(grid)]
 
     def _args(self, slots) -> list:
@@ -180,19 +181,19 @@ class BoundLaunch:
 
     def __call__(self, slots):
         fn, kernel = self.fn, self.kernel
-        ok = (ENABLED and kernel.run is self.launcher and not _observed(fn)
-              and (not fn.used_global_vals or _globals_unchanged(fn))
-              and driver.active.get_current_device() == self.device)
-        if ok:
-            for j, dtype, aligned in self.specs:
-                t = slots[j]
-                if not isinstance(t, torch.Tensor) or t.dtype != dtype or (t.data_ptr() % 16 == 0) is not aligned:
-                    ok = False
-                    break
-        if not ok:
-            return launch(fn, self.grid, *self._args(slots), **self.kwargs)
+        try:  # one comparison of every used slot's (dtype, aligned) with the bound ones (None: no data_ptr, falls back)
+            same = [(t.dtype, t.data_ptr() % 16 == 0) for t in map(slots.__getitem__, self.slot_order)] == self.specs
+        except AttributeError:
+            same = False
+        args = self.template.copy()
+        for i, j in self.positions:
+            args[i] = slots[j]
+        if not (same and ENABLED and kernel.run is self.launcher and not _observed(fn)
+                and (not fn.used_global_vals or _globals_unchanged(fn))
+                and driver.active.get_current_device() == self.device):
+            return launch(fn, self.grid, *args, **self.kwargs)
         self.launcher(self.g0, self.g1, self.g2, driver.active.get_current_stream(self.device), kernel.function,
-                      kernel.packed_metadata, None, None, None, *self._args(slots), *self.kw_values)
+                      kernel.packed_metadata, None, None, None, *args, *self.kw_values)
         return kernel
 
 

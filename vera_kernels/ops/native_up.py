@@ -2,7 +2,7 @@
 
 ``vera_torch.VeraUpFunction`` and the C++ ``VeraUp`` run the same aten ops with the same dtype rules (bit-identical,
 ``tests/test_native_up.py``). The C++ one keeps the autograd engine in C++ for the whole layer: no Python frame in
-forward's node or in backward, ~50 us per adapted layer call on the development machine, where a small eager step is
+forward's node or in backward, ~45-60 us per adapted layer call on the development machine, where a small eager step is
 bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
 the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_impl`` (its Triton launches)
 and nothing else in Python (``native_up_py_backward``).

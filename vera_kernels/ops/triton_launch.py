@@ -45,8 +45,15 @@ Invariants (what makes a hit launch the kernel Triton would launch, with the arg
 5. Triton 3.6.x and 3.9.x only, the versions whose ``JITFunction.run`` and launchers this was written against; with
    any other version every launch takes the normal path.
 
-``VERA_KERNELS_FAST_LAUNCH=0`` (read at import) switches the fast path off: every launch through
-``kernel[grid](...)``.
+Bound launches (``bind``, ``BoundLaunch``): cheaper still, for a call site that repeats one launch with the same
+scalar arguments call after call (the triton backend's backward, per shape: ``vera_triton._UpBackwardPlan``). The
+site records its launches once (``recording``), binds each one to its tensors' places ("slots"), and keys the bound
+launches by what determines every scalar argument; a bound call then checks only each slot's dtype and alignment
+(and invariants 2-4) before calling the launcher, and otherwise takes ``launch``. A bound launch keeps no tensor.
+tests/fast_launch_check.py checks both paths against Triton's own launch.
+
+``VERA_KERNELS_FAST_LAUNCH=0`` (read at import) switches the fast path off, bound launches included: every launch
+through ``kernel[grid](...)``.
 """
 
 from __future__ import annotations

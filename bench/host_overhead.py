@@ -19,6 +19,7 @@ Only ratios within one run mean anything; implementations are alternated round b
 
     python bench/host_overhead.py [--tokens 16] [--in-features 64] [--out-features 64] [--r 16] [--repeats 300]
     python bench/host_overhead.py --model tiny-llama [--r 16] [--repeats 50]
+    python bench/host_overhead.py --dropout 0.1 [--model tiny-llama]   (adapter dropout, training mode)
 """
 
 from __future__ import annotations
@@ -94,18 +95,18 @@ class TritonLaunchStub:
         return False
 
 
-def build(impl: str, fin: int, fout: int, r: int) -> torch.nn.Module:
+def build(impl: str, fin: int, fout: int, r: int, dropout: float = 0.0) -> torch.nn.Module:
     from vera_kernels.bench import impls as I
 
     master = I.LayerStack([(fin, fout)], torch.float32, torch.device("cpu"), seed=0)
-    return I.make_variant(impl, master, ["l0"], r)
+    return I.make_variant(impl, master, ["l0"], r, dropout=dropout).train()
 
 
-def measure(tokens: int, fin: int, fout: int, r: int, repeats: int, impls=IMPLS) -> list[dict]:
+def measure(tokens: int, fin: int, fout: int, r: int, repeats: int, impls=IMPLS, dropout: float = 0.0) -> list[dict]:
     """One row per implementation: median host us of forward + backward (x requires grad), kernels per call."""
     torch.manual_seed(0)
     with TritonLaunchStub() as stub:
-        layers = {impl: build(impl, fin, fout, r) for impl in impls}
+        layers = {impl: build(impl, fin, fout, r, dropout) for impl in impls}
         calls = {impl: _layer_call(layers[impl], impl) for impl in impls}
         x = torch.randn(tokens, fin, requires_grad=True)
         gy = torch.randn(tokens, fout)  # a dense upstream gradient, as a next layer would pass
@@ -129,14 +130,16 @@ def tiny_llama(r: int):
     return model.train()
 
 
-def measure_model(r: int, repeats: int, impls=MODEL_IMPLS, batch: int = 2, seq: int = 8) -> list[dict]:
+def measure_model(r: int, repeats: int, impls=MODEL_IMPLS, batch: int = 2, seq: int = 8,
+                  dropout: float = 0.0) -> list[dict]:
     """One row per implementation: median host us of one training step (forward, loss, backward) of the tiny
     Llama with every linear adapted; the base's backward runs from its embeddings' output (requires grad)."""
     from vera_kernels.bench import impls as I
 
     with TritonLaunchStub() as stub:
         master = tiny_llama(r)
-        models = {impl: I.make_variant(impl, master, LLAMA_TARGETS, r, lora_r=16) for impl in impls}
+        models = {impl: I.make_variant(impl, master, LLAMA_TARGETS, r, lora_r=16, dropout=dropout).train()
+                  for impl in impls}
         if "base" in models:
             I.require_grad_from_embeddings(models["base"])
         ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -202,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--impls", help=f"comma-separated (default {','.join(IMPLS)}; with --model also peft-lora)")
     ap.add_argument("--model", choices=["tiny-llama"], help="time a whole training step of this model instead")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="adapter dropout (PEFT's vera_dropout / lora_dropout, ours): the triton backend's fused-mask "
+                         "down node, the torch backend's counter-based mask")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -216,15 +222,16 @@ def main(argv=None) -> int:
     with contextlib.redirect_stderr(sys.stdout):
         if args.model:
             impls = tuple(args.impls.split(",")) if args.impls else MODEL_IMPLS
-            rows = measure_model(args.r, args.repeats, impls)
+            rows = measure_model(args.r, args.repeats, impls, dropout=args.dropout)
             header = (f"host time per training step of a 2-layer Llama (hidden 64, every linear adapted, 2x8 tokens, "
-                      f"r={args.r}; LoRA r=16; {versions})")
+                      f"r={args.r}; LoRA r=16; dropout {args.dropout}; {versions})")
             table = format_table(rows, header, "step us")
         else:
             impls = tuple(args.impls.split(",")) if args.impls else IMPLS
-            rows = measure(args.tokens, args.in_features, args.out_features, args.r, args.repeats, impls)
+            rows = measure(args.tokens, args.in_features, args.out_features, args.r, args.repeats, impls,
+                           dropout=args.dropout)
             header = (f"host time per adapted-layer call (fwd+bwd, CPU tensors {args.tokens}x{args.in_features}->"
-                      f"{args.out_features}, r={args.r}; {versions})")
+                      f"{args.out_features}, r={args.r}; dropout {args.dropout}; {versions})")
             table = format_table(rows, header)
     print(table)
     if args.json:

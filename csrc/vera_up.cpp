@@ -2,6 +2,7 @@
 //
 //   vera_up(base, h, B_s, lambda_d, lambda_b) -> base + h R^T,   R = diag(lambda_b) B_s diag(lambda_d)
 //   vera_up_py_backward(...): the same forward, backward through a registered Python function (the triton backend)
+//   vera_down_py(x, A_s, seed, p): the triton backend's dropout down node, through registered Python functions
 //
 // The very same math, aten ops and dtype rules as vera_kernels/ops/vera_torch.py: VeraUpFunction (its docstring
 // has the derivation); tests/test_native_up.py checks that both give bit-identical results. Why C++: a small
@@ -69,23 +70,36 @@ struct VeraUp : public torch::autograd::Function<VeraUp> {
     }
 };
 
-// The triton backend's up node (no fused base): VeraUp's forward; its backward calls the Python function given
-// to set_up_backward (vera_triton._up_bwd_impl, whose Triton launches fuse the lambda reductions) as
-//     grad_h, dlambda_d, dlambda_b = backward(g, h, B_s, lambda_d, lambda_b, need_lambdas)
-// (the lambda gradients float32, empty when not asked). The engine enters Python for that call only, not for the
-// node's bookkeeping (context, saved tensors, needs_input_grad, the gradient tuple) as it does for a Python
-// autograd.Function: ~50 us less per layer call on the development machine (bench/host_overhead.py).
+// The triton backend's nodes whose kernels Triton launches from Python, registered once with set_triton_functions:
+//   up_backward(g, h, B_s, lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)   (vera_up_py_backward)
+//   down_forward(x, A_s, seed, p) -> h,   down_backward(grad_h, A_s, seed, p) -> grad_x          (vera_down_py)
+// (vera_triton's _up_bwd_impl, _down_fwd_impl, _down_bwd_impl). The engine enters Python for those calls only, not
+// for the nodes' bookkeeping (context, saved tensors, needs_input_grad, the gradient tuple) as it does for a Python
+// autograd.Function: ~50 us less per node on the development machine (bench/host_overhead.py).
 py::object* up_backward_fn = nullptr;  // set once; never freed (no Python object destroyed at exit without the GIL)
+py::object* down_forward_fn = nullptr;
+py::object* down_backward_fn = nullptr;
 
-void set_up_backward(py::object fn) {
-    if (up_backward_fn == nullptr) up_backward_fn = new py::object(std::move(fn));
-    else *up_backward_fn = std::move(fn);
+void set_slot(py::object*& slot, py::object fn) {
+    if (slot == nullptr) slot = new py::object(std::move(fn));
+    else *slot = std::move(fn);
+}
+
+void set_triton_functions(py::object up_backward, py::object down_forward, py::object down_backward) {
+    set_slot(up_backward_fn, std::move(up_backward));
+    set_slot(down_forward_fn, std::move(down_forward));
+    set_slot(down_backward_fn, std::move(down_backward));
+}
+
+[[noreturn]] void rethrow(const char* what, py::error_already_set& e) {
+    // the Python error's text, as a C++ error the engine can carry to the caller's thread
+    throw std::runtime_error(std::string("vera_kernels: the triton ") + what + " failed: " + e.what());
 }
 
 struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
     static Tensor forward(AutogradContext* ctx, const Tensor& base, const Tensor& h, const Tensor& B_s,
                           const Tensor& lambda_d, const Tensor& lambda_b) {
-        TORCH_CHECK(up_backward_fn != nullptr, "vera_kernels: vera_up_py_backward needs set_up_backward first");
+        TORCH_CHECK(up_backward_fn != nullptr, "vera_kernels: vera_up_py_backward needs set_triton_functions first");
         return up_forward(ctx, base, h, B_s, lambda_d, lambda_b);
     }
 
@@ -106,18 +120,51 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
                 if (need_ld) grad_ld = as_dtype(out[1].cast<Tensor>(), lambda_d.scalar_type());
                 if (need_lb) grad_lb = as_dtype(out[2].cast<Tensor>(), lambda_b.scalar_type());
             } catch (py::error_already_set& e) {
-                // the Python error's text, as a C++ error the engine can carry to the caller's thread
-                throw std::runtime_error(std::string("vera_kernels: the triton up node's backward failed: ") +
-                                         e.what());
+                rethrow("up node's backward", e);
             }
         }
         return {need_base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
     }
 };
 
+// h = dropout(x) A_s^T with the mask drawn inside the down kernel (vera_triton.VeraDownTritonFunction in C++).
+struct VeraDownPy : public torch::autograd::Function<VeraDownPy> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& A_s, const Tensor& seed, double p) {
+        TORCH_CHECK(down_forward_fn != nullptr, "vera_kernels: vera_down_py needs set_triton_functions first");
+        ctx->save_for_backward({A_s, seed});
+        ctx->saved_data["p"] = p;
+        py::gil_scoped_acquire gil;  // (held already when called from Python: a no-op)
+        try {
+            return (*down_forward_fn)(x, A_s, seed, p).cast<Tensor>();
+        } catch (py::error_already_set& e) {
+            rethrow("down node's forward", e);
+        }
+    }
+
+    static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+        if (!ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor(), Tensor()};
+        auto saved = ctx->get_saved_variables();
+        const double p = ctx->saved_data["p"].toDouble();
+        Tensor grad_x;
+        {
+            py::gil_scoped_acquire gil;
+            try {
+                grad_x = (*down_backward_fn)(grads[0], saved[0], saved[1], p).cast<Tensor>();
+            } catch (py::error_already_set& e) {
+                rethrow("down node's backward", e);
+            }
+        }
+        return {grad_x, Tensor(), Tensor(), Tensor()};
+    }
+};
+
 Tensor vera_up(const Tensor& base, const Tensor& h, const Tensor& B_s, const Tensor& lambda_d,
                const Tensor& lambda_b) {
     return VeraUp::apply(base, h, B_s, lambda_d, lambda_b);
+}
+
+Tensor vera_down_py(const Tensor& x, const Tensor& A_s, const Tensor& seed, double p) {
+    return VeraDownPy::apply(x, A_s, seed, p);
 }
 
 Tensor vera_up_py_backward(const Tensor& base, const Tensor& h, const Tensor& B_s, const Tensor& lambda_d,
@@ -130,6 +177,9 @@ Tensor vera_up_py_backward(const Tensor& base, const Tensor& h, const Tensor& B_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("vera_up", &vera_up, "base + h R^T with R = diag(lambda_b) B_s diag(lambda_d) (VeraUpFunction in C++)");
     m.def("vera_up_py_backward", &vera_up_py_backward,
-          "vera_up's forward; backward through the Python function given to set_up_backward");
-    m.def("set_up_backward", &set_up_backward, "the Python backward of vera_up_py_backward");
+          "vera_up's forward; backward through the up_backward given to set_triton_functions");
+    m.def("vera_down_py", &vera_down_py,
+          "h = dropout(x) A_s^T through the down_forward / down_backward given to set_triton_functions");
+    m.def("set_triton_functions", &set_triton_functions,
+          "the Python functions of vera_up_py_backward and vera_down_py (up_backward, down_forward, down_backward)");
 }

@@ -439,58 +439,73 @@ def _tensor_spec(a):
 
 
 def plan_runs() -> dict:
-    """Section 6: the triton backend's backward plan (vera_triton._UpBackwardPlan) launches what its unplanned path
-    launches: the same kernels with the same arguments (tensors compared by dtype, shape, strides and alignment),
-    for odd shapes, a strided g, every dtype, with and without the lambda gradients; a misaligned g on a planned
-    signature gets the kernel the unplanned path picks for it; the plan keeps no tensor alive."""
+    """Section 6: the triton backend's launch plans (vera_triton._LaunchPlan: the up node's backward, the dropout
+    down node's forward and backward) launch what their unplanned paths launch: the same kernels with the same
+    arguments (tensors compared by dtype, shape, strides and alignment), at odd shapes, with a strided input, in
+    every dtype, with and without the lambda gradients; a misaligned input on a planned signature gets the kernel
+    the unplanned path picks for it; a plan keeps no tensor alive."""
     import gc
     import weakref
 
     vt = tcc.load_backend(None)
     record = LauncherCalls()
-    out = dict(signatures=0, planned=0, same_launches=0, misaligned_same=0, alive_after=0)
-    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
-             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
+    out = dict(signatures=0, planned=0, same_launches=0, misaligned=0, misaligned_same=0, alive_after=0)
+    caches = (vt._UP_BWD_PLANS, vt._DOWN_FWD_PLANS, vt._DOWN_BWD_PLANS)
+    seed = torch.empty((), dtype=torch.int64, device="meta")
 
-    def inputs(M, n_out, r, dtype, strided, misaligned=False):
-        g = torch.empty(M * n_out + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n_out]
-        g = g.view(M, n_out) if not strided else torch.empty((n_out, M), dtype=dtype, device="meta").t()
-        h = torch.empty((M, r), dtype=dtype, device="meta")
+    def rows(M, n, dtype, strided=False, misaligned=False):
+        if strided:
+            return torch.empty((n, M), dtype=dtype, device="meta").t()
+        return torch.empty(M * n + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n].view(M, n)
+
+    def sites(M, n_out, r, dtype, strided, misaligned=False):
+        """(name, function, args maker, expected launches) per plan site."""
         B_s = torch.empty((n_out + 3, r), device="meta")[:n_out]
-        return g, h, B_s, torch.empty(r, device="meta"), torch.empty(n_out, device="meta")
+        lambdas = (torch.empty(r, device="meta"), torch.empty(n_out, device="meta"))
+        A_s = torch.empty((r, n_out), dtype=dtype, device="meta")
+        for need in (True, False):
+            yield (f"up_bwd need={need}", vt._up_bwd_impl, lambda need=need: (
+                rows(M, n_out, dtype, strided, misaligned), torch.empty((M, r), dtype=dtype, device="meta"), B_s,
+                *lambdas, need), 2)
+        yield ("down_fwd", vt._down_fwd_impl, lambda: (rows(M, n_out, dtype, strided, misaligned), A_s, seed, 0.1), 1)
+        yield ("down_bwd", vt._down_bwd_impl, lambda: (rows(M, r, dtype, strided, misaligned), A_s, seed, 0.1), 1)
 
-    def launched(args, need):
+    def launched(fn, args):
         record.calls.clear()
-        result = vt._up_bwd_impl(*args, need)
+        result = fn(*args)
         calls = [(k, grid, tuple(map(_tensor_spec, a))) for k, grid, _, _, _, _, a in record.calls]
         record.calls.clear()  # (they hold the tensors)
         return calls, result
 
+    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
+             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
     with StandInCompiler(record):
         driver.set_active(tcc._TargetOnlyDriver(90))
         try:
             for M, n_out, r, dtype, strided in cases:
-                for need in (True, False):
-                    vt._UP_BWD_PLANS.clear()
-                    args = inputs(M, n_out, r, dtype, strided)
-                    first, _ = launched(args, need)  # builds the plan
+                for (name, fn, make, n_launches), (_, _, make_odd, _) in zip(
+                        sites(M, n_out, r, dtype, strided), sites(M, n_out, r, dtype, strided, misaligned=True)):
+                    for cache in caches:
+                        cache.clear()
+                    first, _ = launched(fn, make())  # builds the plan
                     out["signatures"] += 1
-                    out["planned"] += len(vt._UP_BWD_PLANS)
-                    again, result = launched(inputs(M, n_out, r, dtype, strided), need)  # through the plan
-                    out["same_launches"] += again == first and len(first) == 2
-                    ref = weakref.ref(result[0])
+                    out["planned"] += sum(len(c) for c in caches)
+                    again, result = launched(fn, make())  # through the plan
+                    out["same_launches"] += again == first and len(first) == n_launches
+                    ref = weakref.ref(result[0] if isinstance(result, tuple) else result)
                     del result
                     gc.collect()
                     out["alive_after"] += ref() is not None
                     if not strided:
-                        odd = inputs(M, n_out, r, dtype, strided, misaligned=True)
-                        planned, _ = launched(odd, need)
-                        vt._UP_BWD_PLANS.clear()
-                        unplanned, _ = launched(odd, need)
+                        out["misaligned"] += 1
+                        planned, _ = launched(fn, make_odd())
+                        for cache in caches:
+                            cache.clear()
+                        unplanned, _ = launched(fn, make_odd())
                         out["misaligned_same"] += planned == unplanned and planned != first
         finally:
             driver.set_active(None)
-            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel):
+            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel, vt._vera_up_kernel):
                 fn.device_caches.clear()
             tl.clear()
     return out

@@ -48,6 +48,29 @@ def test_host_overhead_tool_and_launch_budget(tmp_path):
     assert rows["reference"]["aten_kernels"] == rows["peft"]["aten_kernels"], rows
 
 
+# With adapter dropout (training): the triton backend's down node is the fused-mask kernel, one launch forward
+# (h = drop(x) A_s^T) and one backward (grad_x = drop(grad_h A_s) in the up kernel's epilogue), in place of the
+# forward's mm and backward's grad_h A_s; the aten side loses the down mm's two GEMMs and gains the seed draw.
+TRITON_DROPOUT_LAUNCHES = 4
+TRITON_DROPOUT_ATEN_KERNELS = 12
+
+
+def test_host_overhead_with_dropout_and_its_launch_budget(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "3", "--dropout",
+                          "0.1", "--impls", "peft,torch,triton", "--json", str(out)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert "dropout 0.1" in data["header"]
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert rows["triton"]["triton_launches"] == TRITON_DROPOUT_LAUNCHES, rows["triton"]
+    assert rows["triton"]["aten_kernels"] == TRITON_DROPOUT_ATEN_KERNELS, rows["triton"]
+    # PEFT's nn.Dropout is there: more kernels than without dropout
+    assert rows["peft"]["aten_kernels"] > 19 and rows["peft"]["triton_launches"] == 0, rows["peft"]
+
+
 def test_host_overhead_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "1"],

@@ -155,9 +155,9 @@ def _triton():
     from vera_kernels.ops import vera_triton as VTr
 
     _native()
-    fn = NU.native_up_py_backward(VTr._up_bwd_impl)
-    assert fn is not None, NU.native_up_status()
-    return VTr, fn
+    nodes = NU.native_triton_nodes(VTr._up_bwd_impl, VTr._down_fwd_impl, VTr._down_bwd_impl)
+    assert nodes is not None, NU.native_up_status()
+    return VTr, nodes[0]
 
 
 def _triton_python(VTr):
@@ -210,14 +210,14 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
     def broken(*args):
         raise ValueError("a broken backward")
 
-    NU._py_backward.clear()
-    try:
-        NU.native_up_py_backward(broken)  # re-registered in the module: the node's next backward calls it
+    NU._triton_nodes.clear()
+    try:  # re-registered in the module: the node's next backward calls it
+        NU.native_triton_nodes(broken, VTr._down_fwd_impl, VTr._down_bwd_impl)
         with pytest.raises(RuntimeError, match="a broken backward"):
             y.backward(g)
     finally:
-        NU._py_backward.clear()
-        assert NU.native_up_py_backward(VTr._up_bwd_impl) is not None
+        NU._triton_nodes.clear()
+        assert NU.native_triton_nodes(VTr._up_bwd_impl, VTr._down_fwd_impl, VTr._down_bwd_impl) is not None
     _, grads = _run(native, base, h, B_s, ld, lb, g)  # and the real one is back
     assert all(t is not None and torch.isfinite(t).all() for t in grads)
 
@@ -233,5 +233,47 @@ def test_the_triton_backend_runs_it_in_eager_mode():
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     node = layer(x).grad_fn.next_functions[0][0]
     assert "CppNode" in node.name() and "VeraUpPyBackward" in node.name(), node.name()
+    model(token_ids(0)).logits.sum().backward()
+    assert layer.vera_lambda_d["default"].grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.3, 0.05])
+def test_triton_dropout_down_node_bit_identical_to_its_python_function(dtype, p):
+    VTr, _ = _triton()
+    native = NU.native_triton_nodes(VTr._up_bwd_impl, VTr._down_fwd_impl, VTr._down_bwd_impl)[1]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(41, 53, generator=gen).to(dtype)
+    A_s = torch.randn(19, 60, generator=gen)[:, :53].to(dtype)  # a column slice of the shared A, cast
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    gh = torch.randn(41, 19, generator=gen).to(dtype)
+    outs = []
+    for fn in (native, VTr.VeraDownTritonFunction.apply):
+        xx = x.clone().requires_grad_()
+        h = fn(xx, A_s, seed, p)
+        h.backward(gh)
+        outs.append((h.detach(), xx.grad))
+    (h_n, gx_n), (h_p, gx_p) = outs
+    assert torch.equal(h_n, h_p) and torch.equal(gx_n, gx_p)
+    assert torch.isfinite(h_n.float()).all() and h_n.abs().max() > 0
+    # the mask is a real dropout mask: about p of x's elements are dropped (grad_x is zero exactly there, for
+    # every row of grad_h A_s that is nowhere zero)
+    dropped = (gx_n == 0).float().mean().item()
+    assert abs(dropped - p) < 0.05, dropped
+
+
+def test_the_triton_backend_runs_its_dropout_node_in_eager_mode():
+    import vera_kernels as vk
+    from helpers import tiny_llama, token_ids
+
+    _triton()
+    model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                         vera_dropout=0.2), backend="triton")
+    model.train()
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    up = layer(x).grad_fn.next_functions[0][0]
+    down = next(f for f, _ in up.next_functions if f is not None and "VeraDownPy" in f.name())
+    assert "CppNode" in down.name(), down.name()
     model(token_ids(0)).logits.sum().backward()
     assert layer.vera_lambda_d["default"].grad.abs().max() > 0

@@ -45,7 +45,10 @@ def _launched_kernels() -> set[str]:
 
 @pytest.mark.parametrize("triton_version", [None, GPU_IMAGE_TRITON], ids=["installed", f"triton-{GPU_IMAGE_TRITON}"])
 def test_every_kernel_compiles_fits_and_does_not_spill(tmp_path, triton_version):
-    res, rows = _run(tmp_path, "--arch", "80,90", "--fail-on-spills", "90", triton_version=triton_version)
+    # the installed triton for sm_80 and sm_90; the GPU image's triton for the GPU it runs on (sm_90: H100/H200),
+    # which keeps CI's time in bounds (the two compile every kernel configuration: minutes on 2 cores)
+    archs = ("80", "90") if triton_version is None else ("90",)
+    res, rows = _run(tmp_path, "--arch", ",".join(archs), "--fail-on-spills", "90", triton_version=triton_version)
     report = res.stdout[-6000:] + res.stderr[-3000:]
     assert res.returncode == 0, report
     if triton_version:
@@ -53,8 +56,8 @@ def test_every_kernel_compiles_fits_and_does_not_spill(tmp_path, triton_version)
     assert all(isinstance(r.get("regs"), int) and r["regs"] > 0 for r in rows["rows"]), report  # usage was read
     compiled = {r["kernel"] for r in rows["rows"] if r["ok"]}
     assert compiled == _launched_kernels(), f"kernels never launched by the check: {_launched_kernels() - compiled}"
-    for arch in ("sm_80", "sm_90"):
-        # the goal shapes' bf16 configurations are among those compiled for both targets
+    for arch in (f"sm_{a}" for a in archs):
+        # the goal shapes' bf16 configurations are among those compiled for every target
         assert any(r["arch"] == arch and r["config"].startswith("bf16 M=128 N=128") for r in rows["rows"]), report
 
 

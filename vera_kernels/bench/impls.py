@@ -91,26 +91,28 @@ def share_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def make_variant(impl: str, master: nn.Module, targets: list[str], r: int, lora_r: int = 16) -> nn.Module:
-    """``master`` (frozen) adapted by ``impl``; returns the module to call (a PeftModel for PEFT)."""
+def make_variant(impl: str, master: nn.Module, targets: list[str], r: int, lora_r: int = 16,
+                 dropout: float = 0.0) -> nn.Module:
+    """``master`` (frozen) adapted by ``impl`` (adapter dropout ``dropout``); returns the module to call (a PeftModel
+    for PEFT)."""
     m = share_copy(master)
     if impl == "base":
         return m
     if impl == "peft":
         peft = import_peft()
-        cfg = peft.VeraConfig(r=r, target_modules=list(targets), projection_prng_key=0, vera_dropout=0.0,
+        cfg = peft.VeraConfig(r=r, target_modules=list(targets), projection_prng_key=0, vera_dropout=dropout,
                               init_weights=True)
         with _quiet():
             return peft.get_peft_model(m, cfg)
     if impl == "peft-lora":
         peft = import_peft()
-        cfg = peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=list(targets), lora_dropout=0.0)
+        cfg = peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=list(targets), lora_dropout=dropout)
         with _quiet():
             return peft.get_peft_model(m, cfg)
     if impl in OURS:
         import vera_kernels as vk
 
-        cfg = vk.VeraConfig(r=r, target_modules=list(targets), projection_prng_key=0, vera_dropout=0.0,
+        cfg = vk.VeraConfig(r=r, target_modules=list(targets), projection_prng_key=0, vera_dropout=dropout,
                             init_weights=True)
         return vk.patch_model(m, cfg, backend=impl)
     raise ValueError(f"unknown implementation {impl!r}")

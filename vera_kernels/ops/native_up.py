@@ -5,7 +5,8 @@
 forward's node or in backward, ~45-60 us per adapted layer call on the development machine, where a small eager step is
 bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
 the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_impl`` (its Triton launches)
-and nothing else in Python (``native_up_py_backward``).
+and nothing else in Python; its dropout down node is ``VeraDownPy``, whose forward and backward call
+``_down_fwd_impl`` / ``_down_bwd_impl`` (``native_triton_nodes``).
 
 Loading (first success wins, once per process, under a lock):
 1. ``VERA_KERNELS_NATIVE_UP=0`` or ``VERA_KERNELS_NO_NATIVE=1`` -> the Python Function, silently.
@@ -74,25 +75,29 @@ def native_up() -> Optional[Callable]:
     return module.vera_up if module is not None else None
 
 
-_py_backward: dict = {}  # id(backward) -> the C++ apply registered with it (one backward at a time in the module)
+_triton_nodes: dict = {}  # the functions registered -> (vera_up_py_backward, vera_down_py); one set per process
 
 
-def native_up_py_backward(backward: Callable) -> Optional[Callable]:
-    """The C++ ``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)`` whose backward calls ``backward(g, h, B_s,
-    lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)``, or None (disabled or not buildable)."""
-    fn = _py_backward.get(id(backward))
-    if fn is not None:
-        return fn
+def native_triton_nodes(up_backward: Callable, down_forward: Callable, down_backward: Callable):
+    """The triton backend's C++ nodes ``(vera_up_py_backward, vera_down_py)`` with these Python functions registered
+    (``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)``: the up node's C++ forward, backward through
+    ``up_backward(g, h, B_s, lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)``;
+    ``vera_down_py(x, A_s, seed, p)``: ``down_forward(x, A_s, seed, p) -> h`` and
+    ``down_backward(grad_h, A_s, seed, p) -> grad_x``), or None (disabled or not buildable here)."""
+    key = (up_backward, down_forward, down_backward)
+    nodes = _triton_nodes.get(key)
+    if nodes is not None:
+        return nodes
     module = _module()
     if module is None:
         return None
     with _lock:
-        if id(backward) not in _py_backward:
-            if _py_backward:
-                raise RuntimeError("vera_kernels: the C++ up node's Python backward is already registered")
-            module.set_up_backward(backward)
-            _py_backward[id(backward)] = module.vera_up_py_backward
-    return _py_backward[id(backward)]
+        if key not in _triton_nodes:
+            if _triton_nodes:
+                raise RuntimeError("vera_kernels: the C++ triton nodes' Python functions are already registered")
+            module.set_triton_functions(*key)
+            _triton_nodes[key] = (module.vera_up_py_backward, module.vera_down_py)
+    return _triton_nodes[key]
 
 
 def _module():
@@ -124,5 +129,5 @@ def native_up_status() -> str:
 def reset_for_tests() -> None:
     with _lock:
         _loaded.clear()
-        _py_backward.clear()
+        _triton_nodes.clear()
         _status[0] = "not loaded yet (loaded on first use)"

@@ -46,7 +46,7 @@ Invariants (what makes a hit launch the kernel Triton would launch, with the arg
    any other version every launch takes the normal path.
 
 Bound launches (``bind``, ``BoundLaunch``): cheaper still, for a call site that repeats one launch with the same
-scalar arguments call after call (the triton backend's backward, per shape: ``vera_triton._UpBackwardPlan``). The
+scalar arguments call after call (the triton backend's backward, per shape: ``vera_triton._LaunchPlan``). The
 site records its launches once (``recording``), binds each one to its tensors' places ("slots"), and keys the bound
 launches by what determines every scalar argument; a bound call then checks only each slot's dtype and alignment
 (and invariants 2-4) before calling the launcher, and otherwise takes ``launch``. A bound launch keeps no tensor.

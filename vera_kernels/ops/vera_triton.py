@@ -799,14 +799,32 @@ def _weight_kn(weight: torch.Tensor, fan_in_fan_out: bool, backward: bool) -> to
 
 def _down_fwd_impl(x: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """h = drop(x) A_s^T with the Philox mask applied while the down kernel loads x (never stored). Dropout only:
-    without it cuBLAS's x A_s^T is faster (gpu-check at 2685fc4: 428 TFLOP/s against 163-357 for the kernel)."""
-    return vera_down(x, _as(vera_A_s, x.dtype).t(), seed=seed, p=dropout_p)[0]
+    without it cuBLAS's x A_s^T is faster (gpu-check at 2685fc4: 428 TFLOP/s against 163-357 for the kernel).
+    (Launched through a plan per signature after the first call: see _LaunchPlan.)"""
+    w_kn = _as(vera_A_s, x.dtype).t()
+    key = (x.shape, x.stride(), w_kn.shape, w_kn.stride(), x.dtype, x.device, dropout_p, _precision_key(x.dtype))
+    plan = _DOWN_FWD_PLANS.get(key)
+    if plan is not None:
+        return plan(x, w_kn, seed)[0]
+    with recording() as calls:
+        h = vera_down(x, w_kn, seed=seed, p=dropout_p)[0]
+    _LaunchPlan.keep(_DOWN_FWD_PLANS, key, calls, (x, w_kn, seed), (h,))
+    return h
 
 
 def _down_bwd_impl(grad_h: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """grad_x = drop(grad_h A_s): the up kernel regenerates the forward's mask in its epilogue."""
-    grad_x = torch.empty((grad_h.shape[0], vera_A_s.shape[1]), device=grad_h.device, dtype=grad_h.dtype)
-    return vera_up(grad_h, _as(vera_A_s, grad_h.dtype), grad_x, seed=seed, p=dropout_p)
+    A = _as(vera_A_s, grad_h.dtype)
+    key = (grad_h.shape, grad_h.stride(), A.shape, A.stride(), grad_h.dtype, grad_h.device, dropout_p,
+           _precision_key(grad_h.dtype))
+    plan = _DOWN_BWD_PLANS.get(key)
+    if plan is not None:
+        return plan(grad_h, A, seed)[0]
+    grad_x = torch.empty((grad_h.shape[0], A.shape[1]), device=grad_h.device, dtype=grad_h.dtype)
+    with recording() as calls:
+        vera_up(grad_h, A, grad_x, seed=seed, p=dropout_p)
+    _LaunchPlan.keep(_DOWN_BWD_PLANS, key, calls, (grad_h, A, seed), (grad_x,))
+    return grad_x
 
 
 def _up_fwd_impl(
@@ -852,73 +870,70 @@ def _up_bwd_impl(
     Two Triton launches besides cuBLAS's G = g^T h: scale_projection writes diag(lambda_b) B_s and finishes
     dlambda_b from G in the same pass over B_s; the down kernel gives grad_h = g (lambda_b B_s) diag(lambda_d) and
     per-tile partials of dlambda_d = sum_n (g lambda_b B_s) * h, summed here in a fixed order (deterministic).
-    Host path: the first call of a signature runs the launchers below and keeps both launches bound
-    (``_UpBackwardPlan``); the next ones allocate and relaunch only (a layer's backward repeats its shapes)."""
+    Host path: the first call of a signature runs the launchers below and keeps both launches as a _LaunchPlan; the
+    next ones allocate and relaunch only (a layer's backward repeats its shapes)."""
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    key = _UpBackwardPlan.key(g, h, vera_B_s, need_lambdas)
+    key = (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
+           need_lambdas, _precision_key(g.dtype))
+    G = torch.mm(g.t(), h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, no (N x out) products
     plan = _UP_BWD_PLANS.get(key)
     if plan is not None:
-        return plan(g, h, vera_B_s, lambda_d, lambda_b)
-    cd = g.dtype
-    with recording() as calls:
-        G = torch.mm(g.t(), h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, no (N x out) products
-        Bl, dlb = scale_projection(vera_B_s, lambda_b, cd, dlb_from=(G, lambda_d) if need_lambdas else None)
-        grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
-    if len(calls) == 2:
-        plan = _UpBackwardPlan.bind(calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h, part_ld))
-        if plan is not None:
-            _UP_BWD_PLANS.put(key, plan)
+        Bl, dlb, grad_h, part_ld = plan(g, h, vera_B_s, lambda_d, lambda_b, G)
+    else:
+        with recording() as calls:
+            Bl, dlb = scale_projection(vera_B_s, lambda_b, g.dtype, dlb_from=(G, lambda_d) if need_lambdas else None)
+            grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
+        _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G), (Bl, dlb, grad_h, part_ld))
     if need_lambdas:
         return grad_h, part_ld.sum(0), dlb
     return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)  # no aliasing
 
 
-class _UpBackwardPlan:
-    """_up_bwd_impl's two launches bound (triton_launch.BoundLaunch) for one signature of its inputs. ``key`` is
-    everything the launches' scalar arguments and the outputs' shapes are computed from: the shapes and strides of
-    g, h and B_s, g's dtype and device, need_lambdas, and the float32 matmul precision (a constexpr of fp32
-    kernels); the bound launches check every tensor's dtype and alignment themselves."""
+def _precision_key(dtype: torch.dtype):
+    """What of the float32 matmul precision the kernels specialise on (their PRECISION constexpr), for plan keys."""
+    return torch.get_float32_matmul_precision() if dtype == torch.float32 else None
 
-    __slots__ = ("launches", "need_lambdas", "shapes", "cd", "device")
 
-    @staticmethod
-    def key(g, h, vera_B_s, need_lambdas):
-        return (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
-                need_lambdas, torch.get_float32_matmul_precision() if g.dtype == torch.float32 else None)
+class _LaunchPlan:
+    """A host function's Triton launches bound (triton_launch.BoundLaunch) for one signature of its inputs, kept in
+    a triton_launch.PlanCache by the function's own key. A call allocates the outputs (the shapes and dtypes the
+    first call made) and relaunches with them: no launcher code runs, no config is looked up, no argument is keyed.
+
+    The key must hold everything the launches' scalar arguments and the outputs' shapes are computed from (shapes,
+    strides, dtypes, device, flags, dropout p, the float32 matmul precision); each bound launch checks every tensor's
+    dtype and alignment itself and otherwise takes the normal launch (tests/fast_launch_check.py, "plans")."""
+
+    __slots__ = ("launches", "outputs", "device")
 
     @classmethod
-    def bind(cls, calls, slots):
+    def keep(cls, cache, key, calls, inputs: tuple, outputs: tuple) -> None:
+        """Bind ``calls`` (what ``recording`` collected) to the slots ``inputs + outputs`` and keep the plan under
+        ``key``; nothing is kept where a launch cannot be bound (no fast path, the switch off, a launch skipped)."""
+        if not calls:
+            return
+        slots = inputs + outputs
         launches = tuple(bind(call, slots) for call in calls)
         if any(b is None for b in launches):
-            return None
+            return
         plan = cls()
         plan.launches = launches
-        g, _, _, _, _, G, Bl, dlb, grad_h, part = slots
-        plan.need_lambdas = G is not None
-        plan.shapes = (tuple(Bl.shape), tuple(grad_h.shape), tuple(part.shape) if part is not None else None)
-        plan.cd, plan.device = g.dtype, g.device
-        return plan
+        plan.outputs = tuple((tuple(t.shape), t.dtype) if t is not None else None for t in outputs)
+        plan.device = inputs[0].device
+        cache.put(key, plan)
 
-    def __call__(self, g, h, vera_B_s, lambda_d, lambda_b):
-        bl_shape, gh_shape, part_shape = self.shapes
-        cd, device = self.cd, self.device
-        G = torch.mm(g.t(), h) if self.need_lambdas else None
-        Bl = torch.empty(bl_shape, device=device, dtype=cd)
-        grad_h = torch.empty(gh_shape, device=device, dtype=cd)
-        if self.need_lambdas:
-            dlb = torch.empty(bl_shape[0], device=device, dtype=torch.float32)
-            part = torch.empty(part_shape, device=device, dtype=torch.float32)
-        else:
-            dlb = part = None
-        slots = (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h, part)
+    def __call__(self, *inputs):
+        device = self.device
+        outputs = tuple(torch.empty(o[0], device=device, dtype=o[1]) if o is not None else None
+                        for o in self.outputs)
+        slots = inputs + outputs
         for bound in self.launches:
             bound(slots)
-        if self.need_lambdas:
-            return grad_h, part.sum(0), dlb
-        return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)
+        return outputs
 
 
 _UP_BWD_PLANS = plan_cache()
+_DOWN_FWD_PLANS = plan_cache()
+_DOWN_BWD_PLANS = plan_cache()
 
 
 def _up_mixed_fwd_impl(base: torch.Tensor, h: torch.Tensor, vera_B_s: torch.Tensor, lambda_d: torch.Tensor,
@@ -1098,19 +1113,28 @@ class VeraUpMixedTritonFunction(torch.autograd.Function):
                 None, None)
 
 
+def _native_node(which: int):
+    """The C++ node ``which`` (0: the up node without a fused base, 1: the dropout down node) of native_up.py's
+    ``native_triton_nodes``, registered with this module's implementations, or None where it does not load."""
+    from .native_up import native_triton_nodes
+
+    nodes = native_triton_nodes(_up_bwd_impl, _down_fwd_impl, _down_bwd_impl)
+    return nodes[which] if nodes is not None else None
+
+
 def _apply_up_plain():
-    """The up node without a fused base: the C++ node whose backward calls ``_up_bwd_impl`` (native_up.py:
-    ``VeraUpPyBackward``, the same forward as the torch backend's C++ node) where it loads, else
-    VeraUpTritonFunction."""
-    from .native_up import native_up_py_backward
+    """The up node without a fused base: the C++ node whose backward calls ``_up_bwd_impl`` (``VeraUpPyBackward``,
+    the same forward as the torch backend's C++ node) where it loads, else VeraUpTritonFunction."""
 
     def python_apply(base, h, vera_B_s, lambda_d, lambda_b):
         return apply_up(base, h, vera_B_s, lambda_d, lambda_b, None, None, None, False, "cublas")
 
-    return native_first(python_apply, lambda: native_up_py_backward(_up_bwd_impl))
+    return native_first(python_apply, lambda: _native_node(0))
 
 
-apply_down_dropout = _apply(VeraDownTritonFunction)
+# the dropout down node: the C++ VeraDownPy (forward and backward through _down_fwd_impl / _down_bwd_impl) where it
+# loads, else VeraDownTritonFunction
+apply_down_dropout = native_first(_apply(VeraDownTritonFunction), lambda: _native_node(1))
 apply_up = _apply(VeraUpTritonFunction)
 apply_up_plain = _apply_up_plain()
 apply_up_mixed = _apply(VeraUpMixedTritonFunction)

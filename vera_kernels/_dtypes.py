@@ -45,8 +45,13 @@ def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = 
         raise TypeError(f"vera_kernels: {what} has dtype {x.dtype}; supported dtypes are {names}")
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # one C call, in every adapted layer's forward
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast would run a linear layer in on this device type, or None when autocast is off."""
+    if _any_autocast is not None and not _any_autocast():
+        return None
     if device_type not in ("cuda", "cpu", "xpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)

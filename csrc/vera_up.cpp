@@ -42,6 +42,14 @@ Tensor up_forward(AutogradContext* ctx, const Tensor& base, const Tensor& h, con
     return at::addmm(base.to(cd), h, R_t).to(base.scalar_type());
 }
 
+// which of (base, h, B_s, lambda_d, lambda_b) an up node's backward must give a gradient for
+struct UpNeeds {
+    bool base, h, ld, lb;
+    explicit UpNeeds(AutogradContext* ctx)
+        : base(ctx->needs_input_grad(0)), h(ctx->needs_input_grad(1)), ld(ctx->needs_input_grad(3)),
+          lb(ctx->needs_input_grad(4)) {}
+};
+
 struct VeraUp : public torch::autograd::Function<VeraUp> {
     static Tensor forward(AutogradContext* ctx, const Tensor& base, const Tensor& h, const Tensor& B_s,
                           const Tensor& lambda_d, const Tensor& lambda_b) {
@@ -55,18 +63,17 @@ struct VeraUp : public torch::autograd::Function<VeraUp> {
         const Tensor& lambda_d = saved[2];
         const Tensor& lambda_b = saved[3];
         const Tensor& g = grads[0];
-        const bool need_base = ctx->needs_input_grad(0), need_h = ctx->needs_input_grad(1);
-        const bool need_ld = ctx->needs_input_grad(3), need_lb = ctx->needs_input_grad(4);
+        const UpNeeds need(ctx);
         const auto cd = h.scalar_type();
         Tensor gc = as_dtype(g, cd);
         Tensor grad_h, grad_ld, grad_lb;
-        if (need_h) grad_h = at::mm(gc, fold(B_s, lambda_d, lambda_b, cd));
-        if (need_ld || need_lb) {
+        if (need.h) grad_h = at::mm(gc, fold(B_s, lambda_d, lambda_b, cd));
+        if (need.ld || need.lb) {
             Tensor GB = as_dtype(at::mm(gc.t(), h), at::kFloat).mul_(B_s);  // (out, r): G = g^T h, times B_s
-            if (need_lb) grad_lb = as_dtype(at::mv(GB, as_dtype(lambda_d, at::kFloat)), lambda_b.scalar_type());
-            if (need_ld) grad_ld = as_dtype(at::mv(GB.t(), as_dtype(lambda_b, at::kFloat)), lambda_d.scalar_type());
+            if (need.lb) grad_lb = as_dtype(at::mv(GB, as_dtype(lambda_d, at::kFloat)), lambda_b.scalar_type());
+            if (need.ld) grad_ld = as_dtype(at::mv(GB.t(), as_dtype(lambda_b, at::kFloat)), lambda_d.scalar_type());
         }
-        return {need_base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
+        return {need.base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
     }
 };
 
@@ -108,22 +115,21 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
         const Tensor& lambda_d = saved[2];
         const Tensor& lambda_b = saved[3];
         const Tensor& g = grads[0];
-        const bool need_base = ctx->needs_input_grad(0), need_h = ctx->needs_input_grad(1);
-        const bool need_ld = ctx->needs_input_grad(3), need_lb = ctx->needs_input_grad(4);
+        const UpNeeds need(ctx);
         Tensor grad_h, grad_ld, grad_lb;
-        if (need_h || need_ld || need_lb) {
+        if (need.h || need.ld || need.lb) {
             py::gil_scoped_acquire gil;  // the engine runs this without the GIL (on CUDA, on its device thread)
             try {
-                py::tuple out = (*up_backward_fn)(g, saved[0], saved[1], lambda_d, lambda_b, need_ld || need_lb);
+                py::tuple out = (*up_backward_fn)(g, saved[0], saved[1], lambda_d, lambda_b, need.ld || need.lb);
                 TORCH_CHECK(out.size() == 3, "vera_kernels: the up node's backward must return 3 tensors");
-                if (need_h) grad_h = out[0].cast<Tensor>();
-                if (need_ld) grad_ld = as_dtype(out[1].cast<Tensor>(), lambda_d.scalar_type());
-                if (need_lb) grad_lb = as_dtype(out[2].cast<Tensor>(), lambda_b.scalar_type());
+                if (need.h) grad_h = out[0].cast<Tensor>();
+                if (need.ld) grad_ld = as_dtype(out[1].cast<Tensor>(), lambda_d.scalar_type());
+                if (need.lb) grad_lb = as_dtype(out[2].cast<Tensor>(), lambda_b.scalar_type());
             } catch (py::error_already_set& e) {
                 rethrow("up node's backward", e);
             }
         }
-        return {need_base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
+        return {need.base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
     }
 };
 

@@ -31,13 +31,18 @@ TRITON_LAUNCHES = 2
 TRITON_ATEN_KERNELS = 13
 
 
-def test_host_overhead_tool_and_launch_budget(tmp_path):
+def _run_tool(tmp_path, *args) -> dict:
+    """bench/host_overhead.py with ``args`` (Triton's compiled launch path, not the interpreter): its JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "host.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "5", "--json",
-                          str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), *args, "--json", str(out)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    return json.loads(out.read_text())
+
+
+def test_host_overhead_tool_and_launch_budget(tmp_path):
+    rows = {r["impl"]: r for r in _run_tool(tmp_path, "--repeats", "5")["rows"]}
     assert set(rows) == {"base", "peft", "reference", "torch", "triton"}, rows
     assert all(r["us"] > 0 for r in rows.values())
     assert rows["triton"]["triton_launches"] == TRITON_LAUNCHES, rows["triton"]
@@ -56,13 +61,7 @@ TRITON_DROPOUT_ATEN_KERNELS = 12
 
 
 def test_host_overhead_with_dropout_and_its_launch_budget(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "host.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "3", "--dropout",
-                          "0.1", "--impls", "peft,torch,triton", "--json", str(out)], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=600, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    data = json.loads(out.read_text())
+    data = _run_tool(tmp_path, "--repeats", "3", "--dropout", "0.1", "--impls", "peft,torch,triton")
     assert "dropout 0.1" in data["header"]
     rows = {r["impl"]: r for r in data["rows"]}
     assert rows["triton"]["triton_launches"] == TRITON_DROPOUT_LAUNCHES, rows["triton"]

@@ -78,10 +78,13 @@ def test_bit_identical_to_the_python_function(base_dtype, cd, strided):
 @pytest.mark.parametrize("need", [(True, True, False, False), (False, False, True, True), (False, True, True, False),
                                   (True, False, False, True)])
 def test_only_what_is_needed(need):
-    native = _native()
-    args = _inputs(torch.float32, torch.float32, seed=1)
+    _check_only_what_is_needed(_native(), VT.VeraUpFunction.apply, _inputs(torch.float32, torch.float32, seed=1),
+                               need)
+
+
+def _check_only_what_is_needed(native, python, args, need):
     _, g_n = _run(native, *args, need=need)
-    _, g_p = _run(VT.VeraUpFunction.apply, *args, need=need)
+    _, g_p = _run(python, *args, need=need)
     for flag, a, b in zip(need, g_n, g_p):
         assert (a is None) == (not flag) and (b is None) == (not flag)
         if flag:
@@ -101,17 +104,18 @@ def test_non_contiguous_upstream_gradient_and_nan():
     assert torch.isnan(y_nan[3]).all() and torch.isfinite(y_nan[:3]).all()  # NaN is never hidden
 
 
-def test_the_torch_backend_runs_it_in_eager_mode():
+@pytest.mark.parametrize("backend,node_name", [("torch", "VeraUp"), ("triton", "VeraUpPyBackward")])
+def test_the_backend_runs_it_in_eager_mode(backend, node_name):
     import vera_kernels as vk
     from helpers import tiny_llama, token_ids
 
-    _native()
+    _triton() if backend == "triton" else _native()
     model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False),
-                           backend="torch")
+                           backend=backend)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     node = layer(x).grad_fn.next_functions[0][0]  # (under the view back to x's leading dimensions)
-    assert "CppNode" in node.name() and "VeraUp" in node.name(), node.name()
+    assert "CppNode" in node.name() and node.name().endswith(f"{node_name}>"), node.name()
     model(token_ids(0)).logits.sum().backward()
     assert layer.vera_lambda_d["default"].grad.abs().max() > 0
 
@@ -193,13 +197,8 @@ def test_triton_node_bit_identical_to_its_python_function(dtype, strided):
                                   (True, False, False, True)])
 def test_triton_node_only_what_is_needed(need):
     VTr, native = _triton()
-    args = _inputs(torch.float32, torch.float32, n=21, out=17, r=5, seed=4)
-    _, g_n = _run(native, *args, need=need)
-    _, g_p = _run(_triton_python(VTr), *args, need=need)
-    for flag, a, b in zip(need, g_n, g_p):
-        assert (a is None) == (not flag) and (b is None) == (not flag)
-        if flag:
-            assert torch.equal(a, b)
+    _check_only_what_is_needed(native, _triton_python(VTr), _inputs(torch.float32, torch.float32, n=21, out=17, r=5,
+                                                                     seed=4), need)
 
 
 def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
@@ -220,21 +219,6 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
         assert NU.native_triton_nodes(VTr._up_bwd_impl, VTr._down_fwd_impl, VTr._down_bwd_impl) is not None
     _, grads = _run(native, base, h, B_s, ld, lb, g)  # and the real one is back
     assert all(t is not None and torch.isfinite(t).all() for t in grads)
-
-
-def test_the_triton_backend_runs_it_in_eager_mode():
-    import vera_kernels as vk
-    from helpers import tiny_llama, token_ids
-
-    _triton()
-    model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False),
-                           backend="triton")
-    layer = model.model.layers[0].self_attn.q_proj
-    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
-    node = layer(x).grad_fn.next_functions[0][0]
-    assert "CppNode" in node.name() and "VeraUpPyBackward" in node.name(), node.name()
-    model(token_ids(0)).logits.sum().backward()
-    assert layer.vera_lambda_d["default"].grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -78,9 +78,10 @@ struct VeraUp : public torch::autograd::Function<VeraUp> {
 };
 
 // The triton backend's nodes whose kernels Triton launches from Python, registered once with set_triton_functions:
-//   up_backward(g, h, B_s, lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)   (vera_up_py_backward)
+//   up_backward(g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> partials of dlambda_d     (vera_up_py_backward)
+//       (launches into the outputs allocated here; G = g^T h computed here, G and dlb None without lambda gradients)
 //   down_forward(x, A_s, seed, p) -> h,   down_backward(grad_h, A_s, seed, p) -> grad_x          (vera_down_py)
-// (vera_triton's _up_bwd_impl, _down_fwd_impl, _down_bwd_impl). The engine enters Python for those calls only, not
+// (vera_triton's _up_bwd_into, _down_fwd_impl, _down_bwd_impl). The engine enters Python for those calls only, not
 // for the nodes' bookkeeping (context, saved tensors, needs_input_grad, the gradient tuple) as it does for a Python
 // autograd.Function: ~50 us less per node on the development machine (bench/host_overhead.py).
 py::object* up_backward_fn = nullptr;  // set once; never freed (no Python object destroyed at exit without the GIL)
@@ -112,22 +113,36 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
 
     static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
         auto saved = ctx->get_saved_variables();
+        const Tensor& h = saved[0];
+        const Tensor& B_s = saved[1];
         const Tensor& lambda_d = saved[2];
         const Tensor& lambda_b = saved[3];
         const Tensor& g = grads[0];
         const UpNeeds need(ctx);
         Tensor grad_h, grad_ld, grad_lb;
         if (need.h || need.ld || need.lb) {
-            py::gil_scoped_acquire gil;  // the engine runs this without the GIL (on CUDA, on its device thread)
-            try {
-                py::tuple out = (*up_backward_fn)(g, saved[0], saved[1], lambda_d, lambda_b, need.ld || need.lb);
-                TORCH_CHECK(out.size() == 3, "vera_kernels: the up node's backward must return 3 tensors");
-                if (need.h) grad_h = out[0].cast<Tensor>();
-                if (need.ld) grad_ld = as_dtype(out[1].cast<Tensor>(), lambda_d.scalar_type());
-                if (need.lb) grad_lb = as_dtype(out[2].cast<Tensor>(), lambda_b.scalar_type());
-            } catch (py::error_already_set& e) {
-                rethrow("up node's backward", e);
+            // here: G = g^T h, the outputs and the partials' sum; in Python: the two Triton launches only
+            const bool lambdas = need.ld || need.lb;
+            const int64_t n_out = B_s.size(0), r = B_s.size(1);
+            Tensor G = lambdas ? at::mm(g.t(), h) : Tensor();
+            Tensor Bl = at::empty({n_out, r}, g.options());
+            Tensor dlb = lambdas ? at::empty({n_out}, g.options().dtype(at::kFloat)) : Tensor();
+            Tensor gh = at::empty({g.size(0), r}, g.options());
+            Tensor part;
+            {
+                py::gil_scoped_acquire gil;  // the engine runs this without the GIL (on CUDA, on its device thread)
+                try {
+                    py::object out = (*up_backward_fn)(g, h, B_s, lambda_d.contiguous(), lambda_b.contiguous(),
+                                                       lambdas ? py::cast(G) : py::none(), Bl,
+                                                       lambdas ? py::cast(dlb) : py::none(), gh);
+                    if (lambdas) part = out.cast<Tensor>();
+                } catch (py::error_already_set& e) {
+                    rethrow("up node's backward", e);
+                }
             }
+            if (need.h) grad_h = gh;
+            if (need.ld) grad_ld = as_dtype(part.sum(0), lambda_d.scalar_type());
+            if (need.lb) grad_lb = as_dtype(dlb, lambda_b.scalar_type());
         }
         return {need.base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
     }

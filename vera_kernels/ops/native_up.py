@@ -4,7 +4,7 @@
 ``tests/test_native_up.py``). The C++ one keeps the autograd engine in C++ for the whole layer: no Python frame in
 forward's node or in backward, ~45-60 us per adapted layer call on the development machine, where a small eager step is
 bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
-the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_impl`` (its Triton launches)
+the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_into`` (its Triton launches)
 and nothing else in Python; its dropout down node is ``VeraDownPy``, whose forward and backward call
 ``_down_fwd_impl`` / ``_down_bwd_impl`` (``native_triton_nodes``).
 
@@ -80,8 +80,9 @@ _triton_nodes: dict = {}  # the functions registered -> (vera_up_py_backward, ve
 
 def native_triton_nodes(up_backward: Callable, down_forward: Callable, down_backward: Callable):
     """The triton backend's C++ nodes ``(vera_up_py_backward, vera_down_py)`` with these Python functions registered
-    (``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)``: the up node's C++ forward, backward through
-    ``up_backward(g, h, B_s, lambda_d, lambda_b, need_lambdas) -> (grad_h, dlambda_d, dlambda_b)``;
+    (``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)``: the up node's C++ forward, a backward that computes
+    G = g^T h, allocates the outputs and sums the partials in C++ and calls ``up_backward(g, h, B_s, lambda_d,
+    lambda_b, G, Bl, dlb, grad_h) -> partials of dlambda_d`` for the launches (G, dlb None: no lambda gradients);
     ``vera_down_py(x, A_s, seed, p)``: ``down_forward(x, A_s, seed, p) -> h`` and
     ``down_backward(grad_h, A_s, seed, p) -> grad_x``), or None (disabled or not buildable here)."""
     key = (up_backward, down_forward, down_backward)

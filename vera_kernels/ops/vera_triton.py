@@ -554,13 +554,14 @@ def _seed_arg(seed: Optional[torch.Tensor], p: float, like: torch.Tensor, dummy:
     return seed
 
 
-def vera_down(x, w_kn, *, nscale=None, h=None, seed=None, p=0.0):
+def vera_down(x, w_kn, *, nscale=None, h=None, seed=None, p=0.0, out=None):
     """(C [diag(nscale)], partials): C (M, N) = drop(x) W with W given as a (K, N) view; with ``h``, also the
     per-tile partials (num_m_tiles, N) of sum_m C * h (float32), else None. With ``p`` > 0, ``seed`` is the dropout
-    seed as a 0-dim int64 tensor (see _seed_arg)."""
+    seed as a 0-dim int64 tensor (see _seed_arg). ``out``: C's tensor, (M, N) in x's dtype (else a new one)."""
     M, K = x.shape
     N = w_kn.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     cfg = _config("down", M, N, K, x.dtype, x.device, p > 0)
     n_mtiles = _cdiv(M, cfg["BLOCK_M"])
     part = torch.empty((n_mtiles, N), device=x.device, dtype=torch.float32) if h is not None else None
@@ -610,15 +611,17 @@ def vera_up(hh, v_kn, out, *, acc_in=None, xb=None, wb_kn=None, bias=None, seed=
     return out
 
 
-def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None):
+def scale_projection(B_s, lambda_b, dtype, *, fold_d=None, dlb_from=None, out=None, dlb=None):
     """(P, dlambda_b): P = diag(lambda_b) B_s [diag(fold_d)], a contiguous (out, r) tensor in ``dtype``; with
     ``dlb_from = (G, lambda_d)``, G = g^T h (out, r), also dlambda_b = rowsum(G * B_s * lambda_d) in float32 (else
-    None), from the same reads of B_s. One small launch."""
+    None), from the same reads of B_s. One small launch. ``out`` / ``dlb``: their tensors (else new ones)."""
     assert fold_d is None or dlb_from is None, "lambda_d is folded in (fused base) or used for dlambda_b, not both"
     n_out, R = B_s.shape
-    out = torch.empty((n_out, R), device=B_s.device, dtype=dtype)
+    if out is None:
+        out = torch.empty((n_out, R), device=B_s.device, dtype=dtype)
     G, ld = dlb_from if dlb_from is not None else (None, fold_d)
-    dlb = torch.empty((n_out,), device=B_s.device, dtype=torch.float32) if G is not None else None
+    if dlb is None and G is not None:
+        dlb = torch.empty((n_out,), device=B_s.device, dtype=torch.float32)
     if n_out:
         block_o = 64
         launch(_scale_projection_kernel, (_cdiv(n_out, block_o),),
@@ -867,26 +870,41 @@ def _up_bwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_h, dlambda_d, dlambda_b): grad_h in g's dtype, the lambda gradients in float32 (empty when not asked).
 
-    Two Triton launches besides cuBLAS's G = g^T h: scale_projection writes diag(lambda_b) B_s and finishes
-    dlambda_b from G in the same pass over B_s; the down kernel gives grad_h = g (lambda_b B_s) diag(lambda_d) and
-    per-tile partials of dlambda_d = sum_n (g lambda_b B_s) * h, summed here in a fixed order (deterministic).
-    Host path: the first call of a signature runs the launchers below and keeps both launches as a _LaunchPlan; the
-    next ones allocate and relaunch only (a layer's backward repeats its shapes)."""
+    cuBLAS's G = g^T h, then the two Triton launches of ``_up_bwd_into``, then the partials' sum. The C++ node
+    (native_up.py, ``VeraUpPyBackward``) does the same with G, the outputs and the sum in C++."""
     lambda_d, lambda_b = lambda_d.contiguous(), lambda_b.contiguous()  # the kernels index them densely
-    key = (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
-           need_lambdas, _precision_key(g.dtype))
+    n_out, r = vera_B_s.shape
     G = torch.mm(g.t(), h) if need_lambdas else None  # (out, r): the rank-r GEMM over tokens, no (N x out) products
-    plan = _UP_BWD_PLANS.get(key)
-    if plan is not None:
-        Bl, dlb, grad_h, part_ld = plan(g, h, vera_B_s, lambda_d, lambda_b, G)
-    else:
-        with recording() as calls:
-            Bl, dlb = scale_projection(vera_B_s, lambda_b, g.dtype, dlb_from=(G, lambda_d) if need_lambdas else None)
-            grad_h, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None)
-        _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G), (Bl, dlb, grad_h, part_ld))
+    Bl = torch.empty((n_out, r), device=g.device, dtype=g.dtype)
+    dlb = torch.empty((n_out,), device=g.device, dtype=torch.float32) if need_lambdas else None
+    grad_h = torch.empty((g.shape[0], r), device=g.device, dtype=g.dtype)
+    part_ld = _up_bwd_into(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)
     if need_lambdas:
         return grad_h, part_ld.sum(0), dlb
     return grad_h, g.new_empty((0,), dtype=torch.float32), g.new_empty((0,), dtype=torch.float32)  # no aliasing
+
+
+def _up_bwd_into(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> Optional[torch.Tensor]:
+    """The up node's backward launches, into outputs the caller made (new, contiguous): Bl (out, r) in g's dtype,
+    dlb (out,) float32, grad_h (N, r) in g's dtype; with G = g^T h (out, r), or G and dlb None without the lambda
+    gradients. Returns the (num_m_tiles, r) float32 partials of dlambda_d (the caller sums them), or None.
+
+    scale_projection writes Bl = diag(lambda_b) B_s and finishes dlambda_b from G in the same pass over B_s; the
+    down kernel gives grad_h = g Bl diag(lambda_d) and per-tile partials of dlambda_d = sum_n (g Bl) * h
+    (deterministic: summed in a fixed order). The first call of a signature runs the launchers and keeps both
+    launches as a _LaunchPlan; the next ones relaunch only (a layer's backward repeats its shapes)."""
+    need_lambdas = G is not None
+    key = (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
+           need_lambdas, _precision_key(g.dtype))
+    plan = _UP_BWD_PLANS.get(key)
+    if plan is not None:
+        return plan(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)[0]
+    with recording() as calls:
+        scale_projection(vera_B_s, lambda_b, g.dtype, dlb_from=(G, lambda_d) if need_lambdas else None, out=Bl,
+                         dlb=dlb)
+        _, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None, out=grad_h)
+    _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h), (part_ld,))
+    return part_ld
 
 
 def _precision_key(dtype: torch.dtype):
@@ -1118,12 +1136,12 @@ def _native_node(which: int):
     ``native_triton_nodes``, registered with this module's implementations, or None where it does not load."""
     from .native_up import native_triton_nodes
 
-    nodes = native_triton_nodes(_up_bwd_impl, _down_fwd_impl, _down_bwd_impl)
+    nodes = native_triton_nodes(_up_bwd_into, _down_fwd_impl, _down_bwd_impl)
     return nodes[which] if nodes is not None else None
 
 
 def _apply_up_plain():
-    """The up node without a fused base: the C++ node whose backward calls ``_up_bwd_impl`` (``VeraUpPyBackward``,
+    """The up node without a fused base: the C++ node whose backward calls ``_up_bwd_into`` (``VeraUpPyBackward``,
     the same forward as the torch backend's C++ node) where it loads, else VeraUpTritonFunction."""
 
     def python_apply(base, h, vera_B_s, lambda_d, lambda_b):

@@ -180,12 +180,6 @@ class BoundLaunch:
         self.specs = [(dtype, aligned) for _, dtype, aligned in specs]  # (a list: compared with a list per call)
         self.g0, self.g1, self.g2 = grid + _GRID_PAD[len(grid)]
 
-    def _args(self, slots) -> list:
-        args = self.template.copy()
-        for i, j in self.positions:
-            args[i] = slots[j]
-        return args
-
     def __call__(self, slots):
         fn, kernel = self.fn, self.kernel
         try:  # one comparison of every used slot's (dtype, aligned) with the bound ones (None: no data_ptr, falls back)

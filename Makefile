@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 install: $(STAMP)
 
 # Triton runs on the CPU through its interpreter; it must be switched on before triton is imported.
+# PYTEST_WORKERS: pytest-xdist workers (one per core, at most 4: each holds torch and the interpreter in memory);
+# 0 runs in this process. Every test is cut off at 15 minutes (pytest-timeout, pyproject.toml) rather than hang CI.
+PYTEST_WORKERS ?= auto --maxprocesses 4
 test: install
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) tests
 
 # For development: everything but the tests marked slow (the GPU compile checks of every Triton kernel, under two
 # triton versions). CI runs `make test`.
 test-fast: install
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) -m "not slow" tests
 
 # BENCH_ARGS: options of `python -m vera_kernels.bench`, e.g. make bench BENCH_ARGS="--quick --plot bench.png"
 BENCH_ARGS ?=

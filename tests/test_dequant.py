@@ -534,8 +534,8 @@ def test_cuda_dequantize_int8_bitexact(native, seed):
 
 
 def test_stale_build_lock_is_cleared(tmp_path):
-    """torch's JIT build waits forever on a lock left by a killed build; one older than any build is removed (with a
-    warning), a fresh one (a build in progress) is left alone."""
+    """Without flock (Windows), torch's JIT build waits forever on a lock left by a killed build; one older than any
+    build is removed (with a warning), a fresh one (a build in progress) is left alone."""
     import time
 
     lock = tmp_path / "lock"
@@ -548,6 +548,41 @@ def test_stale_build_lock_is_cleared(tmp_path):
         _native._clear_stale_lock(tmp_path)
     assert not lock.exists()
     _native._clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_build_lock_removes_a_killed_builds_baton_and_waits_for_a_live_one(tmp_path):
+    """A build killed midway leaves torch's baton (``lock``), on which torch waits forever; the flock our builds take
+    first dies with its holder, so under it a baton of any age is removed. A live holder is waited for, then a
+    TimeoutError (the caller falls back to Python) rather than a hang."""
+    import subprocess
+    import sys
+
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    baton = build_dir / "lock"
+    baton.write_text("")  # fresh: the age rule alone would have waited on it
+    with pytest.warns(UserWarning, match="left by a killed build"):
+        with _native.build_lock(build_dir):
+            assert not baton.exists()
+            baton.write_text("")  # torch's own baton, taken and released inside our lock
+            baton.unlink()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(120)", str(build_dir / "build.flock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="another process has been building"):
+            with _native.build_lock(build_dir, wait_s=0.3):
+                pass
+        holder.kill()  # a killed holder releases the flock with it
+        holder.wait(timeout=30)
+        with _native.build_lock(build_dir, wait_s=30):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_cuda_toolkit_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):

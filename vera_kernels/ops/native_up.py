@@ -61,11 +61,10 @@ def _build():
     tag = hashlib.sha256(f"{torch.__version__}|{sys.version}|{sys.platform}|{cflags}".encode()
                          + source.read_bytes()).hexdigest()[:16]
     build_dir = _native._cache_base() / f"vera_kernels_up-{tag}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _native._clear_stale_lock(build_dir)
-    module = cpp_extension.load(name="vera_kernels_up", sources=[str(source)], extra_cflags=cflags,
-                                build_directory=str(build_dir), verbose=_native._truthy(
-                                    os.environ.get("VERA_KERNELS_VERBOSE_BUILD")), is_python_module=True)
+    with _native.build_lock(build_dir):
+        module = cpp_extension.load(name="vera_kernels_up", sources=[str(source)], extra_cflags=cflags,
+                                    build_directory=str(build_dir), verbose=_native._truthy(
+                                        os.environ.get("VERA_KERNELS_VERBOSE_BUILD")), is_python_module=True)
     return module
 
 

@@ -9,7 +9,8 @@ Order (first success wins, done once per process, on first use, under a lock):
    under ``$VERA_KERNELS_BUILD_DIR``, else ``$TORCH_EXTENSIONS_DIR/vera_kernels``, else
    ``$XDG_CACHE_HOME/vera_kernels`` (``~/.cache/vera_kernels``), in a sub-folder keyed by a hash of the
    sources, flags, torch and Python versions, so a rebuild happens only when one of them changes. Two
-   processes building at once are serialised by torch's file baton (a ``lock`` file in the build folder).
+   processes building at once are serialised by a ``flock`` on the build folder (:func:`build_lock`), which
+   also removes a baton left by a killed build, so a first use never hangs.
    If a CUDA build fails, a CPU-only build is tried; if ``-fopenmp`` is refused, a build without OpenMP.
 4. Otherwise: ``None``, and ONE :class:`NativeUnavailableWarning` per process says why and that the
    pure-PyTorch fallback (bit-identical, slower) is used.
@@ -24,6 +25,7 @@ an installed wheel),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -208,42 +210,82 @@ def _jit_build(cuda: bool, openmp: bool):
     tag = _build_tag(sources, cflags + ldflags + cuda_cflags, cuda)
     name = "vera_kernels_C_" + ("cuda" if cuda else "cpu") + ("" if openmp else "_noomp")
     build_dir = _cache_base() / f"{name}-{tag}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir)
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        extra_cuda_cflags=cuda_cflags if cuda else None,
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        with_cuda=cuda,
-        verbose=_truthy(os.environ.get(ENV_VERBOSE)),
-        is_python_module=True,
-    )
+    with build_lock(build_dir):
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            extra_cuda_cflags=cuda_cflags if cuda else None,
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            with_cuda=cuda,
+            verbose=_truthy(os.environ.get(ENV_VERBOSE)),
+            is_python_module=True,
+        )
     return module, build_dir
 
 
 STALE_LOCK_S = 900  # a build here takes seconds (CPU) to a couple of minutes (CUDA)
+BUILD_WAIT_S = 600  # how long a first use waits for another live process's build of the same folder
 
 
 def _clear_stale_lock(build_dir: Path) -> None:
-    """torch's JIT build waits, with no timeout, on a ``lock`` file in the build folder; a build killed midway
-    (OOM, a job's time limit) leaves it behind and every later first use would hang. A lock older than any build
-    takes is removed, with a warning."""
+    """Where no ``flock`` exists (Windows): torch's JIT build waits, with no timeout, on a ``lock`` file in the build
+    folder, and a build killed midway leaves it behind. A lock older than any build takes is removed, with a warning."""
     lock = build_dir / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except OSError:
         return
     if age > STALE_LOCK_S:
-        warnings.warn(f"vera_kernels: removing a stale build lock ({age / 60:.0f} min old) in {build_dir}",
-                      stacklevel=3)
+        _remove_baton(lock, f"a stale build lock ({age / 60:.0f} min old)")
+
+
+def _remove_baton(lock: Path, what: str) -> None:
+    warnings.warn(f"vera_kernels: removing {what} in {lock.parent}", UserWarning, stacklevel=4)
+    try:
+        lock.unlink()
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, wait_s: Optional[float] = None):
+    """Hold the right to build in ``build_dir`` (every JIT build of ours runs under it).
+
+    torch's file baton (a ``lock`` file it creates, waits on forever and deletes when done) survives a build killed
+    midway (OOM, a job's time limit, Ctrl-C in a test run), and every later first use then hangs. The kernel's
+    ``flock`` here is released when its holder dies, so it cannot go stale. Every builder of our folders takes it
+    before torch's baton, so a baton found while holding it was left by a killed build, and is removed (with a
+    warning). A live build by another process is waited for, at most ``wait_s`` seconds (``BUILD_WAIT_S``); then a
+    TimeoutError says so, and the caller falls back to the Python implementation.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the age rule alone
+        _clear_stale_lock(build_dir)
+        yield
+        return
+    wait_s = BUILD_WAIT_S if wait_s is None else wait_s
+    with open(build_dir / "build.flock", "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process has been building in {build_dir} for over {wait_s:.0f} s")
+                time.sleep(0.1)
         try:
-            lock.unlink()
-        except OSError:
-            pass
+            baton = build_dir / "lock"
+            if baton.exists():
+                _remove_baton(baton, "a build lock left by a killed build")
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load() -> tuple[object, str]:

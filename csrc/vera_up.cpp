@@ -11,12 +11,17 @@
 // the engine never leaves C++. Saved for backward, as there: h and references to B_s and the lambdas, never R.
 //
 // Light headers (no torch/extension.h) keep the one-off JIT build at ~20 s on a 2-core machine.
+#include <ATen/Context.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/outer.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include <array>
+#include <map>
+#include <memory>
 
 namespace {
 
@@ -78,8 +83,9 @@ struct VeraUp : public torch::autograd::Function<VeraUp> {
 };
 
 // The triton backend's nodes whose kernels Triton launches from Python, registered once with set_triton_functions:
-//   up_backward(g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> partials of dlambda_d     (vera_up_py_backward)
-//       (launches into the outputs allocated here; G = g^T h computed here, G and dlb None without lambda gradients)
+//   up_backward(g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> (partials of dlambda_d, LaunchReplay or None)
+//       (launches into the outputs allocated here; G = g^T h computed here, G and dlb None without lambda gradients;
+//       the replay, kept here by signature, relaunches the same plan next time without it: see LaunchReplay)
 //   down_forward(x, A_s, seed, p) -> h,   down_backward(grad_h, A_s, seed, p) -> grad_x          (vera_down_py)
 // (vera_triton's _up_bwd_into, _down_fwd_impl, _down_bwd_impl). The engine enters Python for those calls only, not
 // for the nodes' bookkeeping (context, saved tensors, needs_input_grad, the gradient tuple) as it does for a Python
@@ -104,6 +110,153 @@ void set_triton_functions(py::object up_backward, py::object down_forward, py::o
     throw std::runtime_error(std::string("vera_kernels: the triton ") + what + " failed: " + e.what());
 }
 
+// ---------------------------------------------------------------------------------------------- launch replays
+// A launch plan of vera_triton (_LaunchPlan: Triton launches bound to slots, triton_launch.BoundLaunch) replayed from
+// here, so that a backward at a signature seen before enters Python for the launch guard alone, not for the key, the
+// plan, the slot checks and the launcher calls (Python that runs cold inside the engine: 2-3x its cost in a loop).
+// The same steps as BoundLaunch.__call__: every used slot's dtype and 16-byte alignment against the bound ones, then
+// the guard (triton_launch.launch_guard: the switch, the device, no hook or instrumentation, the same launcher,
+// unchanged globals; it returns the stream), then each launcher with the arguments the bound call passes. Any
+// difference returns false and the caller takes the Python path, which falls back further on its own.
+struct ReplayLaunch {
+    py::object kernel, launcher;  // the CompiledKernel and its launcher as bound (the guard checks it is still)
+    py::object g0, g1, g2;
+    std::vector<py::object> args;                          // the bound arguments; tensor places refilled per call
+    std::vector<std::pair<size_t, size_t>> positions;      // (argument index, slot index)
+    std::vector<std::tuple<size_t, at::ScalarType, bool>> specs;  // (slot, dtype, 16-byte aligned) of used slots
+    std::vector<py::object> kw_values;
+};
+
+struct LaunchReplay {
+    py::object guard;  // () -> the stream to launch on, or None: take the Python path
+    std::vector<ReplayLaunch> launches;
+    std::vector<std::vector<int64_t>> out_shapes;  // the outputs the plan allocates (appended to the slots)
+    std::vector<at::ScalarType> out_dtypes;
+    std::vector<bool> out_none;  // an output the plan leaves None (an undefined tensor here)
+    int64_t runs = 0;
+
+    LaunchReplay(py::object guard_fn, const py::list& launch_specs, const py::list& outputs) : guard(std::move(guard_fn)) {
+        // launch_specs: (kernel, launcher, (g0, g1, g2), args, ((arg, slot), ...), ((slot, dtype, aligned), ...),
+        // kw_values) per launch (BoundLaunch.native_spec); outputs: ((shape, dtype) or None, ...)
+        for (const py::handle item : launch_specs) {
+            const auto spec = item.cast<py::tuple>();
+            ReplayLaunch l;
+            l.kernel = spec[0].cast<py::object>();
+            l.launcher = spec[1].cast<py::object>();
+            const auto grid = spec[2].cast<py::tuple>();
+            l.g0 = grid[0].cast<py::object>();
+            l.g1 = grid[1].cast<py::object>();
+            l.g2 = grid[2].cast<py::object>();
+            for (const py::handle a : spec[3].cast<py::tuple>()) l.args.push_back(py::reinterpret_borrow<py::object>(a));
+            for (const py::handle pos : spec[4].cast<py::tuple>()) {
+                const auto ij = pos.cast<py::tuple>();
+                l.positions.emplace_back(ij[0].cast<size_t>(), ij[1].cast<size_t>());
+            }
+            for (const py::handle sp : spec[5].cast<py::tuple>()) {
+                const auto t = sp.cast<py::tuple>();
+                l.specs.emplace_back(t[0].cast<size_t>(), t[1].cast<at::ScalarType>(), t[2].cast<bool>());
+            }
+            for (const py::handle v : spec[6].cast<py::tuple>()) l.kw_values.push_back(py::reinterpret_borrow<py::object>(v));
+            launches.push_back(std::move(l));
+        }
+        for (const py::handle item : outputs) {
+            out_none.push_back(item.is_none());
+            if (item.is_none()) {
+                out_shapes.emplace_back();
+                out_dtypes.push_back(at::kFloat);
+                continue;
+            }
+            const auto o = item.cast<py::tuple>();
+            out_shapes.push_back(o[0].cast<std::vector<int64_t>>());
+            out_dtypes.push_back(o[1].cast<at::ScalarType>());
+        }
+    }
+
+    // Launches with ``slots`` (inputs, undefined = None) and the outputs it allocates (returned in ``outputs``), or
+    // returns false having launched nothing. Needs the GIL.
+    bool run(std::vector<Tensor> slots, std::vector<Tensor>& outputs) {
+        const auto options = slots[0].options();
+        for (size_t i = 0; i < out_shapes.size(); ++i) {
+            outputs.push_back(out_none[i] ? Tensor() : at::empty(out_shapes[i], options.dtype(out_dtypes[i])));
+            slots.push_back(outputs.back());
+        }
+        for (const auto& l : launches) {
+            for (const auto& [j, dtype, aligned] : l.specs) {
+                if (j >= slots.size() || !slots[j].defined() || slots[j].scalar_type() != dtype || !slots[j].has_storage())
+                    return false;
+                if ((reinterpret_cast<uintptr_t>(slots[j].const_data_ptr()) % 16 == 0) != aligned) return false;
+            }
+        }
+        py::object stream = guard();
+        if (stream.is_none()) return false;
+        py::object none = py::none();
+        for (const auto& l : launches) {
+            const size_t n_args = l.args.size();
+            py::tuple call(9 + n_args + l.kw_values.size());
+            size_t k = 0;
+            auto put = [&call, &k](py::object v) { PyTuple_SET_ITEM(call.ptr(), k++, v.release().ptr()); };
+            put(l.g0);
+            put(l.g1);
+            put(l.g2);
+            put(stream);
+            // read per call, as BoundLaunch does (set by the kernel's handle loading, which the guard's check of
+            // its launcher has run)
+            put(l.kernel.attr("function"));
+            put(l.kernel.attr("packed_metadata"));
+            put(none);  // launch metadata and the enter/exit hooks: none is registered (the guard checked)
+            put(none);
+            put(none);
+            std::vector<py::object> args = l.args;
+            for (const auto& [i, j] : l.positions) args[i] = py::cast(slots[j]);
+            for (auto& a : args) put(std::move(a));
+            for (const auto& v : l.kw_values) put(v);
+            PyObject* result = PyObject_Call(l.launcher.ptr(), call.ptr(), nullptr);
+            if (result == nullptr) throw py::error_already_set();
+            Py_DECREF(result);
+        }
+        ++runs;
+        return true;
+    }
+};
+
+// The replays kept by signature (each caller its own map, all under the GIL); never freed at exit (their Python
+// objects need the GIL), emptied by clear_replays (triton_launch.clear) and when they would grow past the limit.
+constexpr size_t REPLAY_LIMIT = 256;
+using UpKey = std::array<int64_t, 17>;
+std::map<UpKey, std::shared_ptr<LaunchReplay>>* up_replays = new std::map<UpKey, std::shared_ptr<LaunchReplay>>();
+int64_t up_replay_misses = 0;
+
+// what the Python plan key of _up_bwd_into holds: shapes and strides of g, h and B_s, the dtype, the device, whether
+// the lambda gradients are made and the float32 matmul precision; false where the tensors are not 2-D
+bool up_key(const Tensor& g, const Tensor& h, const Tensor& B_s, bool lambdas, UpKey& key) {
+    if (g.dim() != 2 || h.dim() != 2 || B_s.dim() != 2) return false;
+    size_t k = 0;
+    for (const Tensor* t : {&g, &h, &B_s}) {
+        key[k++] = t->size(0);
+        key[k++] = t->size(1);
+        key[k++] = t->stride(0);
+        key[k++] = t->stride(1);
+    }
+    key[k++] = static_cast<int64_t>(g.scalar_type());
+    key[k++] = static_cast<int64_t>(g.device().type());
+    key[k++] = g.device().index();
+    key[k++] = lambdas;
+    key[k++] = g.scalar_type() == at::kFloat ? static_cast<int64_t>(at::globalContext().float32MatmulPrecision()) : -1;
+    return true;
+}
+
+void clear_replays() { up_replays->clear(); }
+
+py::dict replay_stats() {
+    py::dict d;
+    int64_t runs = 0;
+    for (const auto& kv : *up_replays) runs += kv.second->runs;
+    d["up_backward_replays"] = up_replays->size();
+    d["up_backward_replayed"] = runs;
+    d["up_backward_python"] = up_replay_misses;
+    return d;
+}
+
 struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
     static Tensor forward(AutogradContext* ctx, const Tensor& base, const Tensor& h, const Tensor& B_s,
                           const Tensor& lambda_d, const Tensor& lambda_b) {
@@ -115,14 +268,14 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
         auto saved = ctx->get_saved_variables();
         const Tensor& h = saved[0];
         const Tensor& B_s = saved[1];
-        const Tensor& lambda_d = saved[2];
-        const Tensor& lambda_b = saved[3];
         const Tensor& g = grads[0];
         const UpNeeds need(ctx);
         Tensor grad_h, grad_ld, grad_lb;
         if (need.h || need.ld || need.lb) {
-            // here: G = g^T h, the outputs and the partials' sum; in Python: the two Triton launches only
+            // here: G = g^T h, the outputs, the partials' sum and the replay of a known signature's launches; in
+            // Python (a new signature, or anything a replay does not accept): _up_bwd_into's launches
             const bool lambdas = need.ld || need.lb;
+            const Tensor lambda_d = saved[2].contiguous(), lambda_b = saved[3].contiguous();
             const int64_t n_out = B_s.size(0), r = B_s.size(1);
             Tensor G = lambdas ? at::mm(g.t(), h) : Tensor();
             Tensor Bl = at::empty({n_out, r}, g.options());
@@ -132,17 +285,35 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
             {
                 py::gil_scoped_acquire gil;  // the engine runs this without the GIL (on CUDA, on its device thread)
                 try {
-                    py::object out = (*up_backward_fn)(g, h, B_s, lambda_d.contiguous(), lambda_b.contiguous(),
-                                                       lambdas ? py::cast(G) : py::none(), Bl,
-                                                       lambdas ? py::cast(dlb) : py::none(), gh);
-                    if (lambdas) part = out.cast<Tensor>();
+                    UpKey key;
+                    const bool keyed = up_key(g, h, B_s, lambdas, key);
+                    std::shared_ptr<LaunchReplay> replay;
+                    if (keyed) {
+                        auto it = up_replays->find(key);
+                        if (it != up_replays->end()) replay = it->second;
+                    }
+                    std::vector<Tensor> outs;
+                    if (replay && replay->run({g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, gh}, outs)) {
+                        if (lambdas) part = outs.at(0);
+                    } else {
+                        ++up_replay_misses;
+                        // -> (partials or None, a LaunchReplay of this signature's plan or None)
+                        py::tuple out = (*up_backward_fn)(g, h, B_s, lambda_d, lambda_b,
+                                                          lambdas ? py::cast(G) : py::none(), Bl,
+                                                          lambdas ? py::cast(dlb) : py::none(), gh);
+                        if (lambdas) part = out[0].cast<Tensor>();
+                        if (keyed && !out[1].is_none()) {
+                            if (up_replays->size() >= REPLAY_LIMIT) up_replays->clear();
+                            (*up_replays)[key] = out[1].cast<std::shared_ptr<LaunchReplay>>();
+                        }
+                    }
                 } catch (py::error_already_set& e) {
                     rethrow("up node's backward", e);
                 }
             }
             if (need.h) grad_h = gh;
-            if (need.ld) grad_ld = as_dtype(part.sum(0), lambda_d.scalar_type());
-            if (need.lb) grad_lb = as_dtype(dlb, lambda_b.scalar_type());
+            if (need.ld) grad_ld = as_dtype(part.sum(0), saved[2].scalar_type());
+            if (need.lb) grad_lb = as_dtype(dlb, saved[3].scalar_type());
         }
         return {need.base ? g : Tensor(), grad_h, Tensor(), grad_ld, grad_lb};
     }
@@ -201,6 +372,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "vera_up's forward; backward through the up_backward given to set_triton_functions");
     m.def("vera_down_py", &vera_down_py,
           "h = dropout(x) A_s^T through the down_forward / down_backward given to set_triton_functions");
+    py::class_<LaunchReplay, std::shared_ptr<LaunchReplay>>(m, "LaunchReplay",
+        "a launch plan replayed from C++ (vera_triton._LaunchPlan.replay)")
+        .def(py::init<py::object, py::list, py::list>(), py::arg("guard"), py::arg("launches"), py::arg("outputs"))
+        .def_readonly("runs", &LaunchReplay::runs);
+    m.def("clear_replays", &clear_replays, "forget every kept LaunchReplay (triton_launch.clear)");
+    m.def("replay_stats", &replay_stats, "how the triton up node's backwards ran: replayed here or in Python");
     m.def("set_triton_functions", &set_triton_functions,
           "the Python functions of vera_up_py_backward and vera_down_py (up_backward, down_forward, down_backward)");
 }

@@ -22,6 +22,8 @@ arguments Triton's launch would pass, for every launch the triton backend makes;
    tests/triton_compile_check.py, only the final launcher call stubbed): the fast path launches Triton's compiled
    kernel, and a misaligned pointer gets the kernel Triton compiled for it. Both launchers (3.6 and 3.9 signatures)
    are recognised.
+5-6. bound launches and the triton backend's launch plans (see bound_runs, plan_runs).
+7. replays: the up node's backward replayed from C++ (see replay_runs).
 
     python tests/fast_launch_check.py [--json FILE] [--triton 3.6.0]
 Prints one JSON object (the counts); tests/test_fast_launch.py runs it under the installed triton and triton 3.6.
@@ -30,6 +32,7 @@ Prints one JSON object (the counts); tests/test_fast_launch.py runs it under the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -511,6 +514,119 @@ def plan_runs() -> dict:
     return out
 
 
+def replay_runs() -> dict:
+    """Section 7: the triton up node's backward replayed in C++ (csrc/vera_up.cpp LaunchReplay, from the plan's
+    BoundLaunch.native_spec) launches what the Python path launches: the same kernels, grids, streams, function
+    handles, packed metadata and arguments (tensors by dtype, shape, strides and alignment), with no hook or launch
+    metadata passed, at odd shapes, with a strided gradient, in every dtype, with and without the lambda gradients.
+    A misaligned gradient on a replayed signature, a launch hook, the switch off and another float32 matmul precision
+    each send the backward through Python, which launches what the unplanned path launches."""
+    from vera_kernels.ops import native_up as NU
+
+    vt = tcc.load_backend(None)
+    node = vt._native_node(0)
+    out = dict(native=node is not None, signatures=0, replayed=0, same_launches=0, misaligned=0, misaligned_same=0,
+               refused=0, refused_same=0)
+    if node is None:
+        return out
+    record = LauncherCalls()
+
+    def meta(shape, dtype, grad=False):
+        return torch.empty(shape, dtype=dtype, device="meta").requires_grad_(grad)
+
+    def rows(M, n, dtype, strided=False, misaligned=False):
+        if strided:
+            return torch.empty((n, M), dtype=dtype, device="meta").t()
+        return torch.empty(M * n + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n].view(M, n)
+
+    def backward(M, n_out, r, dtype, need, strided=False, misaligned=False):
+        """The launches of one backward of the C++ node, and how it ran (replayed: 1, through Python: 0)."""
+        B_s = torch.empty((n_out + 3, r), device="meta")[:n_out]
+        y = node(meta((M, n_out), dtype, True), meta((M, r), dtype, True), B_s, meta(r, torch.float32, need),
+                 meta(n_out, torch.float32, need))
+        before = NU.replay_stats()["up_backward_replayed"]
+        record.calls.clear()
+        y.backward(rows(M, n_out, dtype, strided, misaligned))
+        calls = [(k, grid, stream, function, packed, tuple(map(_tensor_spec, a)))
+                 for k, grid, stream, function, packed, _, a in record.calls]
+        fast = all(c[5] for c in record.calls)  # no hook chain or launch metadata passed (the fast path's call)
+        record.calls.clear()
+        return calls, (NU.replay_stats()["up_backward_replayed"] - before, fast)
+
+    def refusals(M, n_out, r, dtype):
+        """(name, context) of each change that must send a replayed signature's backward through Python."""
+        def hook(*a, **k):
+            return None
+
+        @contextlib.contextmanager
+        def enter_hook():
+            saved = knobs.runtime.launch_enter_hook
+            knobs.runtime.launch_enter_hook = hook
+            try:
+                yield
+            finally:
+                knobs.runtime.launch_enter_hook = saved
+
+        @contextlib.contextmanager
+        def switched_off():
+            tl.ENABLED = False
+            try:
+                yield
+            finally:
+                tl.ENABLED = True
+
+        @contextlib.contextmanager
+        def precision():
+            saved = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high" if saved != "high" else "highest")
+            try:
+                yield
+            finally:
+                torch.set_float32_matmul_precision(saved)
+
+        yield "launch hook", enter_hook
+        yield "switch off", switched_off
+        if dtype == torch.float32:
+            yield "precision", precision
+
+    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
+             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
+    with StandInCompiler(record):
+        driver.set_active(tcc._TargetOnlyDriver(90))
+        try:
+            for M, n_out, r, dtype, strided in cases:
+                for need in (True, False):
+                    tl.clear()
+                    first, replayed_first = backward(M, n_out, r, dtype, need, strided)  # plans, keeps the replay
+                    again, replayed = backward(M, n_out, r, dtype, need, strided)
+                    out["signatures"] += 1
+                    out["replayed"] += replayed == (1, True) and replayed_first[0] == 0
+                    out["same_launches"] += again == first and len(first) == 2
+                    if strided:
+                        continue
+                    out["misaligned"] += 1
+                    odd, replayed_odd = backward(M, n_out, r, dtype, need, misaligned=True)
+                    tl.clear()
+                    unplanned, _ = backward(M, n_out, r, dtype, need, misaligned=True)
+                    out["misaligned_same"] += replayed_odd[0] == 0 and odd == unplanned and odd != first
+                    for _, context in refusals(M, n_out, r, dtype):
+                        tl.clear()
+                        backward(M, n_out, r, dtype, need)
+                        backward(M, n_out, r, dtype, need)  # replayed from here on
+                        with context():
+                            refused, replayed_refused = backward(M, n_out, r, dtype, need)
+                            tl.clear()
+                            unplanned, _ = backward(M, n_out, r, dtype, need)
+                        out["refused"] += 1
+                        out["refused_same"] += replayed_refused[0] == 0 and refused == unplanned
+        finally:
+            driver.set_active(None)
+            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel, vt._vera_up_kernel):
+                fn.device_caches.clear()
+            tl.clear()
+    return out
+
+
 # ============================================================================================ compiled
 def compiled_run() -> dict:
     """Section 4: _scale_projection_kernel compiled for sm_90, the launcher call recorded (no GPU)."""
@@ -570,6 +686,7 @@ def main(argv=None) -> int:
     result["bound"] = bound_runs(launches)
     result["bound, blind"] = bound_runs(launches, blind=True)
     result["plans"] = plan_runs()
+    result["replays"] = replay_runs()
     result["compiled"] = compiled_run()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(result, indent=1)

@@ -151,7 +151,7 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
 
 # ============================================================================================ the triton backend's
 # VeraUpPyBackward: the C++ forward (the same aten ops as VeraUpTritonFunction's) and a backward through the triton
-# backend's _up_bwd_into (its Triton kernels, run by the interpreter here)
+# backend's _up_bwd_native (its Triton kernels, run by the interpreter here)
 def _triton():
     if not os.environ.get("TRITON_INTERPRET"):
         pytest.skip("the triton backend runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1)")
@@ -159,7 +159,7 @@ def _triton():
     from vera_kernels.ops import vera_triton as VTr
 
     _native()
-    nodes = NU.native_triton_nodes(VTr._up_bwd_into, VTr._down_fwd_impl, VTr._down_bwd_impl)
+    nodes = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl)
     assert nodes is not None, NU.native_up_status()
     return VTr, nodes[0]
 
@@ -216,7 +216,7 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
             y.backward(g)
     finally:
         NU._triton_nodes.clear()
-        assert NU.native_triton_nodes(VTr._up_bwd_into, VTr._down_fwd_impl, VTr._down_bwd_impl) is not None
+        assert NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl) is not None
     _, grads = _run(native, base, h, B_s, ld, lb, g)  # and the real one is back
     assert all(t is not None and torch.isfinite(t).all() for t in grads)
 
@@ -225,7 +225,7 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
 @pytest.mark.parametrize("p", [0.3, 0.05])
 def test_triton_dropout_down_node_bit_identical_to_its_python_function(dtype, p):
     VTr, _ = _triton()
-    native = NU.native_triton_nodes(VTr._up_bwd_into, VTr._down_fwd_impl, VTr._down_bwd_impl)[1]
+    native = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl)[1]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(41, 53, generator=gen).to(dtype)
     A_s = torch.randn(19, 60, generator=gen)[:, :53].to(dtype)  # a column slice of the shared A, cast

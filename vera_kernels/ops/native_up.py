@@ -31,6 +31,7 @@ ENV_NATIVE_UP = "VERA_KERNELS_NATIVE_UP"
 SOURCE = "vera_up.cpp"
 
 _lock = threading.Lock()
+GENERATION = [0]  # bumped when what the loaders return may change (reset_for_tests, a registration): see native_first
 _loaded: list = []  # [callable or None] once loaded
 _status = ["not loaded yet (loaded on first use)"]
 
@@ -81,7 +82,8 @@ def native_triton_nodes(up_backward: Callable, down_forward: Callable, down_back
     """The triton backend's C++ nodes ``(vera_up_py_backward, vera_down_py)`` with these Python functions registered
     (``vera_up_py_backward(base, h, B_s, lambda_d, lambda_b)``: the up node's C++ forward, a backward that computes
     G = g^T h, allocates the outputs and sums the partials in C++ and calls ``up_backward(g, h, B_s, lambda_d,
-    lambda_b, G, Bl, dlb, grad_h) -> partials of dlambda_d`` for the launches (G, dlb None: no lambda gradients);
+    lambda_b, G, Bl, dlb, grad_h) -> (partials of dlambda_d, LaunchReplay or None)`` for the launches (G, dlb None:
+    no lambda gradients; the replay, see ``launch_replay``, runs the same launches at that signature next time);
     ``vera_down_py(x, A_s, seed, p)``: ``down_forward(x, A_s, seed, p) -> h`` and
     ``down_backward(grad_h, A_s, seed, p) -> grad_x``), or None (disabled or not buildable here)."""
     key = (up_backward, down_forward, down_backward)
@@ -97,7 +99,33 @@ def native_triton_nodes(up_backward: Callable, down_forward: Callable, down_back
                 raise RuntimeError("vera_kernels: the C++ triton nodes' Python functions are already registered")
             module.set_triton_functions(*key)
             _triton_nodes[key] = (module.vera_up_py_backward, module.vera_down_py)
+            GENERATION[0] += 1
     return _triton_nodes[key]
+
+
+def launch_replay(guard: Callable, launches: list, outputs: list):
+    """A C++ ``LaunchReplay`` (csrc/vera_up.cpp) of one launch plan, or None where the module does not load.
+
+    ``launches``: ``triton_launch.BoundLaunch.native_spec()`` of each launch; ``outputs``: (shape, dtype) of each
+    tensor the plan allocates (appended to the slots, in order); ``guard()``: the stream to launch on, or None to
+    take the Python path (``triton_launch.launch_guard``). The up node's backward keeps the replay its Python function
+    returns under the call's signature, and later backwards at that signature run it without entering Python but for
+    the guard."""
+    module = _module()
+    return module.LaunchReplay(guard, launches, outputs) if module is not None else None
+
+
+def clear_replays() -> None:
+    """Forget the replays the C++ up node keeps (``triton_launch.clear`` calls this)."""
+    if _loaded and _loaded[0] is not None:
+        _loaded[0].clear_replays()
+
+
+def replay_stats() -> dict:
+    """How the triton up node's backwards ran: ``up_backward_replayed`` (from C++), ``up_backward_python`` (through
+    its Python function: a new signature, or a call a replay refused) and ``up_backward_replays`` (kept)."""
+    module = _module()
+    return dict(module.replay_stats()) if module is not None else {}
 
 
 def _module():
@@ -128,6 +156,7 @@ def native_up_status() -> str:
 
 def reset_for_tests() -> None:
     with _lock:
+        GENERATION[0] += 1
         _loaded.clear()
         _triton_nodes.clear()
         _status[0] = "not loaded yet (loaded on first use)"

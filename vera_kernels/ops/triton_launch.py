@@ -50,7 +50,9 @@ scalar arguments call after call (the triton backend's backward, per shape: ``ve
 site records its launches once (``recording``), binds each one to its tensors' places ("slots"), and keys the bound
 launches by what determines every scalar argument; a bound call then checks only each slot's dtype and alignment
 (and invariants 2-4) before calling the launcher, and otherwise takes ``launch``. A bound launch keeps no tensor.
-tests/fast_launch_check.py checks both paths against Triton's own launch.
+A replay outside Python (the triton up node's backward in C++, csrc/vera_up.cpp ``LaunchReplay``) makes the same
+checks and calls from ``BoundLaunch.native_spec()``, with ``launch_guard`` (one Python call) for the invariants it
+cannot read itself. tests/fast_launch_check.py checks every path against Triton's own launch.
 
 ``VERA_KERNELS_FAST_LAUNCH=0`` (read at import) switches the fast path off, bound launches included: every launch
 through ``kernel[grid](...)``.
@@ -181,7 +183,6 @@ class BoundLaunch:
         self.g0, self.g1, self.g2 = grid + _GRID_PAD[len(grid)]
 
     def __call__(self, slots):
-        fn, kernel = self.fn, self.kernel
         try:  # one comparison of every used slot's (dtype, aligned) with the bound ones (None: no data_ptr, falls back)
             same = [(t.dtype, t.data_ptr() % 16 == 0) for t in map(slots.__getitem__, self.slot_order)] == self.specs
         except AttributeError:
@@ -189,13 +190,45 @@ class BoundLaunch:
         args = self.template.copy()
         for i, j in self.positions:
             args[i] = slots[j]
-        if not (same and ENABLED and kernel.run is self.launcher and not _observed(fn)
-                and (not fn.used_global_vals or _globals_unchanged(fn))
-                and driver.active.get_current_device() == self.device):
-            return launch(fn, self.grid, *args, **self.kwargs)
+        if not (same and ENABLED and self.ready() and driver.active.get_current_device() == self.device):
+            return launch(self.fn, self.grid, *args, **self.kwargs)
+        kernel = self.kernel
         self.launcher(self.g0, self.g1, self.g2, driver.active.get_current_stream(self.device), kernel.function,
                       kernel.packed_metadata, None, None, None, *args, *self.kw_values)
         return kernel
+
+    def ready(self) -> bool:
+        """Invariants 2 and 3 for this launch, now: nothing observes it, the same launcher, unchanged globals."""
+        fn = self.fn
+        return (self.kernel.run is self.launcher and not _observed(fn)
+                and (not fn.used_global_vals or _globals_unchanged(fn)))
+
+    def native_spec(self) -> tuple:
+        """This launch for a replay outside Python (csrc/vera_up.cpp, LaunchReplay, which does what ``__call__``
+        does, with ``launch_guard`` for the checks it cannot make): (kernel, launcher, (g0, g1, g2), the bound
+        arguments (tensor places None), ((argument index, slot), ...), ((slot, dtype, aligned), ...), the keyword
+        values in launcher order)."""
+        specs = tuple((j, dtype, aligned) for j, (dtype, aligned) in zip(self.slot_order, self.specs))
+        return (self.kernel, self.launcher, (self.g0, self.g1, self.g2), tuple(self.template), self.positions, specs,
+                self.kw_values)
+
+
+def launch_guard(bounds, device):
+    """What a replay of ``bounds`` (BoundLaunches bound on ``device``) outside Python checks before each relaunch,
+    having compared every slot's dtype and alignment itself: the switch on, the same current device, and each
+    launch ``ready()`` (inlined: this runs once per replayed backward). Returns the stream to launch on, or None
+    (take the Python path)."""
+    if not ENABLED or _observed_globally():
+        return None
+    active = driver.active
+    if active.get_current_device() != device:
+        return None
+    for bound in bounds:
+        fn = bound.fn
+        if (bound.kernel.run is not bound.launcher or type(fn).run is not _TRITON_RUN or "run" in fn.__dict__
+                or fn.pre_run_hooks or (fn.used_global_vals and not _globals_unchanged(fn))):
+            return None
+    return active.get_current_stream(device)
 
 
 class _Recording(threading.local):
@@ -322,11 +355,15 @@ def _hook_set(hook) -> bool:
 
 def _observed(fn: JITFunction) -> bool:
     """Invariant 2: something could observe or alter this launch, or ``run`` is not Triton's."""
+    return bool(type(fn).run is not _TRITON_RUN or "run" in fn.__dict__ or fn.pre_run_hooks or _observed_globally())
+
+
+def _observed_globally() -> bool:
+    """Invariant 2's part common to every kernel: a launch hook, an inspection hook, instrumentation, fpsan."""
     rt = knobs.runtime
-    return bool(
-        type(fn).run is not _TRITON_RUN or "run" in fn.__dict__ or fn.pre_run_hooks or _hook_set(rt.launch_enter_hook)
-        or _hook_set(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None
-        or knobs.compilation.instrumentation_mode or (_HAS_FPSAN and knobs.compilation.fpsan_homomorphic_casts))
+    return bool(_hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
+                or rt.add_stages_inspection_hook is not None or knobs.compilation.instrumentation_mode
+                or (_HAS_FPSAN and knobs.compilation.fpsan_homomorphic_casts))
 
 
 def _globals_unchanged(fn: JITFunction) -> bool:
@@ -370,9 +407,20 @@ def cached_kernels(fn) -> dict:
     return dict(state.entries) if state is not None and state.fn is fn else {}
 
 
+_CLEAR_HOOKS: list = []  # called by clear(): what keeps bound launches elsewhere (native_up.clear_replays)
+
+
+def on_clear(hook) -> None:
+    """Have ``clear()`` call ``hook()`` too (once per hook)."""
+    if hook not in _CLEAR_HOOKS:
+        _CLEAR_HOOKS.append(hook)
+
+
 def clear() -> None:
-    """Forget every kept kernel (Triton's own cache is untouched)."""
+    """Forget every kept kernel (Triton's own cache is untouched), every plan and whatever ``on_clear`` registered."""
     for state in _STATES.values():
         state.entries.clear()
     for cache in _PLAN_CACHES:
         cache.clear()
+    for hook in _CLEAR_HOOKS:
+        hook()

@@ -228,12 +228,21 @@ def _apply(fn):
 def native_first(python_apply, native):
     """An apply that runs the C++ node ``native()`` returns (None: not loadable here, see ops/native_up.py) in eager
     mode, else ``python_apply`` (under torch.compile and functorch transforms always: they trace the Python
-    Function)."""
+    Function). ``native()`` is asked once per load of the native module (native_up.GENERATION), not per call: its
+    lookups are a good part of a small layer's host time."""
+    from . import native_up
+
     transforms_active = torch._C._are_functorch_transforms_active
+    is_compiling = torch.compiler.is_compiling
+    generation = native_up.GENERATION
+    resolved = [None, -1]  # [native() or None, the generation it was asked in]
 
     def apply(*args):
-        if not torch.compiler.is_compiling() and not transforms_active():
-            fn = native()
+        if not is_compiling() and not transforms_active():
+            fn, seen = resolved
+            if seen != generation[0]:
+                fn = resolved[0] = native()
+                resolved[1] = generation[0]
             if fn is not None:
                 return fn(*args)
         return python_apply(*args)

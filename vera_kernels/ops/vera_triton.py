@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import bind, launch, plan_cache, recording
+from .triton_launch import bind, launch, launch_guard, on_clear, plan_cache, recording
 
 
 
@@ -893,18 +893,30 @@ def _up_bwd_into(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> Opti
     down kernel gives grad_h = g Bl diag(lambda_d) and per-tile partials of dlambda_d = sum_n (g Bl) * h
     (deterministic: summed in a fixed order). The first call of a signature runs the launchers and keeps both
     launches as a _LaunchPlan; the next ones relaunch only (a layer's backward repeats its shapes)."""
+    return _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)[0]
+
+
+def _up_bwd_native(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h):
+    """_up_bwd_into for the C++ up node (VeraUpPyBackward): (partials, the plan's LaunchReplay or None), the replay
+    kept there by signature to relaunch the same plan without this function next time."""
+    part, plan = _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)
+    return part, plan.replay() if plan is not None else None
+
+
+def _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h):
     need_lambdas = G is not None
     key = (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
            need_lambdas, _precision_key(g.dtype))
     plan = _UP_BWD_PLANS.get(key)
     if plan is not None:
-        return plan(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)[0]
+        return plan(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)[0], plan
     with recording() as calls:
         scale_projection(vera_B_s, lambda_b, g.dtype, dlb_from=(G, lambda_d) if need_lambdas else None, out=Bl,
                          dlb=dlb)
         _, part_ld = vera_down(g, Bl, nscale=lambda_d, h=h if need_lambdas else None, out=grad_h)
-    _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h), (part_ld,))
-    return part_ld
+    plan = _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h),
+                            (part_ld,))
+    return part_ld, plan
 
 
 def _precision_key(dtype: torch.dtype):
@@ -921,23 +933,37 @@ class _LaunchPlan:
     strides, dtypes, device, flags, dropout p, the float32 matmul precision); each bound launch checks every tensor's
     dtype and alignment itself and otherwise takes the normal launch (tests/fast_launch_check.py, "plans")."""
 
-    __slots__ = ("launches", "outputs", "device")
+    __slots__ = ("launches", "outputs", "device", "_replay")
 
     @classmethod
-    def keep(cls, cache, key, calls, inputs: tuple, outputs: tuple) -> None:
+    def keep(cls, cache, key, calls, inputs: tuple, outputs: tuple) -> Optional["_LaunchPlan"]:
         """Bind ``calls`` (what ``recording`` collected) to the slots ``inputs + outputs`` and keep the plan under
-        ``key``; nothing is kept where a launch cannot be bound (no fast path, the switch off, a launch skipped)."""
+        ``key``; nothing is kept where a launch cannot be bound (no fast path, the switch off, a launch skipped).
+        Returns the plan kept, or None."""
         if not calls:
-            return
+            return None
         slots = inputs + outputs
         launches = tuple(bind(call, slots) for call in calls)
         if any(b is None for b in launches):
-            return
+            return None
         plan = cls()
         plan.launches = launches
         plan.outputs = tuple((tuple(t.shape), t.dtype) if t is not None else None for t in outputs)
         plan.device = inputs[0].device
+        plan._replay = None
         cache.put(key, plan)
+        return plan
+
+    def replay(self):
+        """This plan as a C++ LaunchReplay (native_up.launch_replay; made once), or None where the module does not
+        load."""
+        if self._replay is None:
+            from .native_up import clear_replays, launch_replay
+
+            on_clear(clear_replays)
+            guard = functools.partial(launch_guard, self.launches, self.launches[0].device)
+            self._replay = launch_replay(guard, [b.native_spec() for b in self.launches], list(self.outputs))
+        return self._replay
 
     def __call__(self, *inputs):
         device = self.device
@@ -1136,7 +1162,7 @@ def _native_node(which: int):
     ``native_triton_nodes``, registered with this module's implementations, or None where it does not load."""
     from .native_up import native_triton_nodes
 
-    nodes = native_triton_nodes(_up_bwd_into, _down_fwd_impl, _down_bwd_impl)
+    nodes = native_triton_nodes(_up_bwd_native, _down_fwd_impl, _down_bwd_impl)
     return nodes[which] if nodes is not None else None
 
 
@@ -1170,6 +1196,8 @@ def down(x: torch.Tensor, vera_A_s: torch.Tensor, dropout_p: float, seed: Option
     (the torch backend's down node) without."""
     if dropout_p > 0.0:
         return apply_down_dropout(x, vera_A_s, _seed_arg(seed, dropout_p, x, x), dropout_p)
+    if vera_A_s.dtype == x.dtype:  # torch_down's own first case, without its frame (aten's C++ mm node)
+        return torch.mm(x, vera_A_s.t())
     return torch_down(x, vera_A_s, 0.0, None)
 
 

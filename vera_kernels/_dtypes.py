@@ -40,9 +40,28 @@ def adapter_compute_dtype(backend: str, activation_dtype: torch.dtype, device_ty
 
 
 def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = "input") -> None:
-    if x.dtype not in allowed:
+    _check_dtype(x.dtype, allowed, what)
+
+
+def _check_dtype(dtype: torch.dtype, allowed, what: str) -> None:
+    if dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"vera_kernels: {what} has dtype {x.dtype}; supported dtypes are {names}")
+        raise TypeError(f"vera_kernels: {what} has dtype {dtype}; supported dtypes are {names}")
+
+
+_BRANCH_DTYPES: dict = {}  # (backend, base dtype, input dtype, device type) -> compute dtype, for the combinations seen
+
+
+def branch_dtype(backend: str, base_dtype: torch.dtype, x_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """One adapted call's dtype rules: the input's dtype checked against ``allowed_dtypes(backend)`` (TypeError),
+    then ``adapter_compute_dtype(backend, base_dtype, device_type)``. A combination seen before costs one dict
+    lookup (this runs in every adapted layer's forward)."""
+    key = (backend, base_dtype, x_dtype, device_type)
+    cd = _BRANCH_DTYPES.get(key)
+    if cd is None:
+        _check_dtype(x_dtype, allowed_dtypes(backend), "input")
+        cd = _BRANCH_DTYPES[key] = adapter_compute_dtype(backend, base_dtype, device_type)
+    return cd
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # one C call, in every adapted layer's forward

@@ -92,13 +92,23 @@ def resolve_backend(backend: str, device: torch.device, dropout: bool = False) -
             backend = env
         else:
             return auto_backend(device, dropout)
+    elif (backend, device.type) in _RUNNABLE:
+        return backend
     else:
         check_backend_name(backend)
     if backend == "triton":
         reason = triton_unavailable_reason(device)
         if reason:
             raise RuntimeError(f"vera_kernels: backend 'triton' cannot run here: {reason}")
+        if device.type != "cuda":  # the interpreter on the CPU: an environment switch, asked on every call
+            return backend
+    _RUNNABLE.add((backend, device.type))
     return backend
+
+
+# (backend, device type) pairs found runnable where that cannot change within a process (triton on CUDA: importable
+# once is importable for good), so that an explicit backend is resolved with one set lookup per layer call
+_RUNNABLE: set = set()
 
 
 def fused_base_mode(backend: str):

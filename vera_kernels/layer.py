@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from ._dtypes import (PARAM_DTYPE, adapter_compute_dtype, allowed_dtypes, autocast_dtype, check_activation_dtype,
-                      float32_preserving)
+from ._dtypes import PARAM_DTYPE, autocast_dtype, branch_dtype, float32_preserving
 from .backends import check_backend_name, get_impl, resolve_backend
 from .ops import linear_base, run_adapters, run_mixed
 from .projections import VeraProjections
@@ -192,12 +191,16 @@ class VeraLinear(nn.Module):
                 adapters, mixed = adapters
         else:
             active = self.active_adapters
-            if self.merged or not active:
+            if self.merged_adapters or not active:  # (self.merged, without its property frame)
                 return self._base_forward(x, *args, **kwargs)
             lambdas_d = self._modules["vera_lambda_d"]._parameters
             lambdas_b = self._modules["vera_lambda_b"]._parameters
             training = self.training
-            adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
+            if len(active) == 1:  # (the common case, without a comprehension's frame)
+                name = active[0]
+                adapters = [(lambdas_d[name], lambdas_b[name], self.vera_dropout[name] if training else 0.0)]
+            else:
+                adapters = [(lambdas_d[n], lambdas_b[n], self.vera_dropout[n] if training else 0.0) for n in active]
         device = x.device
         dropout = adapters[0][2] > 0.0 if len(adapters) == 1 else any(a[2] > 0.0 for a in adapters)
         concrete = resolve_backend(self.backend, device, dropout)
@@ -228,14 +231,14 @@ class VeraLinear(nn.Module):
         ``plain`` = (weight, bias) is given, else the base layer's output ``base_out``; flat (N, features) tensors
         for the flat backends. ``x`` is the layer's input as it came (the key for sharing h with siblings)."""
         xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
+        # (a plain base's output has the input's dtype: linear_base checks the weight's)
+        cd = branch_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, xf.dtype, x.device.type)
         fused = None
         if plain is not None:
             base_out, fused = linear_base(concrete, impl, xf, plain[0], plain[1], self.fan_in_fan_out,
                                           fuse=mixed is None)
         elif impl.FLAT and base_out.dim() != 2:
             base_out = base_out.reshape(-1, self.out_features)
-        cd = adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, x.device.type)
-        check_activation_dtype(xf, allowed_dtypes(concrete))
         projections = self._modules["vera_projections"]
         A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
         share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None

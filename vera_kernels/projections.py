@@ -138,7 +138,10 @@ class VeraProjections(nn.Module):
         take A in the compute dtype (a cached cast) and fold B with the float32 lambdas; the reference takes both in
         float32. The views are cached per (dtype, shape) while the tensors behind them stay the same (`.data =`,
         swap_tensors, a device move or a new cast all refresh them), saving the slicing ops per layer call."""
-        A, B = self.for_compute(dtype)[0], self._buffers["vera_B"]
+        B = self._buffers["vera_B"]
+        A = self._buffers["vera_A"]
+        if dtype != A.dtype:  # (for_compute's own first case, A itself, without its frame)
+            A = self.for_compute(dtype)[0]
         if torch.compiler.is_compiling():
             return A[:, :in_features], B[:out_features]
         key = (dtype, in_features, out_features)

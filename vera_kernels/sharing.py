@@ -38,10 +38,6 @@ _saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", N
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def observing_hook(pack):
     """Mark a saved-tensors pack hook as an observer (it returns the tensor itself and nothing re-runs the forward,
     e.g. a counter of saved bytes), under which h is still shared. Returns ``pack``."""
@@ -49,29 +45,30 @@ def observing_hook(pack):
     return pack
 
 
-def _hooks_allow_sharing() -> bool:
-    """Saved-tensor hooks are how activation checkpointing works: its recomputation must save exactly what the
-    forward saved, and whether a sibling finds h alive differs between the two passes. So h is shared only under
-    hooks known not to recompute: torch's own offloading (torch.autograd.graph.save_on_cpu) and observers
-    (observing_hook)."""
-    if _saved_hooks is None:
-        return False
-    hooks = _saved_hooks(False)
-    if hooks is None:
-        return True
-    pack = getattr(hooks[0], "__func__", hooks[0])
-    return getattr(pack, "_vera_kernels_observer", False) or getattr(pack, "__module__", None) == "torch.autograd.graph"
-
-
 def sharing_allowed(x: torch.Tensor) -> bool:
-    """Whether an h may be reused at this call at all (see the module docstring)."""
+    """Whether an h may be reused at this call at all (see the module docstring): not under torch.compile or a
+    functorch transform, not inside a backward (a graph task), not while a CUDA graph is captured, and under
+    saved-tensor hooks only those known not to recompute the forward.
+
+    Saved-tensor hooks are how activation checkpointing works: its recomputation must save exactly what the forward
+    saved, and whether a sibling finds h alive differs between the two passes. So h is shared only under torch's own
+    offloading (torch.autograd.graph.save_on_cpu) and observers (observing_hook). (One frame: this runs in every
+    adapted layer's forward.)"""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    if not _hooks_allow_sharing():
+    if _saved_hooks is None or _graph_task_id is None or _graph_task_id() != -1:
         return False
-    if _graph_task_id is None or _graph_task_id() != -1:
-        return False
+    hooks = _saved_hooks(False)
+    if hooks is not None:
+        pack = getattr(hooks[0], "__func__", hooks[0])
+        if not (getattr(pack, "_vera_kernels_observer", False)
+                or getattr(pack, "__module__", None) == "torch.autograd.graph"):
+            return False
     return not _capturing(x)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class SharedH:
@@ -90,15 +87,6 @@ class SharedH:
 
     def share_dropout(self) -> bool:
         return self.dropout_mask == "per-input"
-
-    def _get(self, x, key):
-        slot = self._by_input.get(id(x))
-        if slot is None or slot[0]() is not x:
-            return None
-        entry = slot[1].get(key)
-        if entry is None or entry[0] != x._version:
-            return None
-        return entry[2]() if entry[1] else entry[2]
 
     def _put(self, x, key, h):
         k = id(x)
@@ -140,7 +128,16 @@ class HSlot:
         self.table, self.x, self.key = table, x, key
 
     def get(self, p: float = 0.0):
-        return self.table._get(self.x, self.key + (p,))
+        """The live h a sibling stored (SharedH._put) for this input, key and dropout probability, or None: one whose
+        input is the same tensor at the same version."""
+        x = self.x
+        slot = self.table._by_input.get(id(x))
+        if slot is None or slot[0]() is not x:
+            return None
+        entry = slot[1].get(self.key + (p,))
+        if entry is None or entry[0] != x._version:
+            return None
+        return entry[2]() if entry[1] else entry[2]
 
     def put(self, h: torch.Tensor, p: float = 0.0) -> None:
         self.table._put(self.x, self.key + (p,), h)

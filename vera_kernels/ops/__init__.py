@@ -122,7 +122,7 @@ def linear_base(backend: str, impl, x: torch.Tensor, weight: torch.Tensor, bias:
             f"vera_kernels: dtype mismatch: input is {x.dtype}, weight is {weight.dtype}"
             + (f", bias is {bias.dtype}" if bias is not None else "")
         )
-    mode = fused_base_mode(backend) if impl.FLAT and fuse else None
+    mode = fused_base_mode(backend) if fuse and backend == "triton" else None  # (the only one with fused modes)
     if mode is not None:
         return None, (weight, bias, fan_in_fan_out, mode)
     if not fan_in_fan_out:
@@ -180,7 +180,7 @@ def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dro
             weight, bias = weight.to(ac), (bias.to(ac) if bias is not None else None)
     lead = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False) if ac is not None else contextlib.nullcontext():
-        _dtypes.check_activation_dtype(x, _dtypes.allowed_dtypes(concrete))
+        _dtypes.check_activation_dtype(x, _dtypes.allowed_dtypes(concrete))  # (before the base GEMM runs)
         if impl.FLAT:
             x = x.reshape(-1, in_f)
             if base_out is not None:
@@ -188,8 +188,8 @@ def _delta_op(x, weight, bias, base_out, vera_A, vera_B, lambda_d, lambda_b, dro
         fused = None
         if base_out is None:
             base_out, fused = linear_base(concrete, impl, x, weight, bias, fan_in_fan_out)
-        cd = _dtypes.adapter_compute_dtype(concrete, base_out.dtype if base_out is not None else x.dtype,
-                                           x.device.type)
+        cd = _dtypes.branch_dtype(concrete, base_out.dtype if base_out is not None else x.dtype, x.dtype,
+                                  x.device.type)
         # the nodes cast A to the compute dtype (keeping this view, not the cast) and fold B with the lambdas
         A_s, B_s = vera_A[:, :in_f], vera_B[:out_f, :]
         p = float(dropout_p) if training else 0.0

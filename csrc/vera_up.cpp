@@ -13,6 +13,7 @@
 // Light headers (no torch/extension.h) keep the one-off JIT build at ~20 s on a 2-core machine.
 #include <ATen/Context.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/outer.h>
@@ -364,9 +365,28 @@ Tensor vera_up_py_backward(const Tensor& base, const Tensor& h, const Tensor& B_
     return VeraUpPyBackward::apply(base, h, B_s, lambda_d, lambda_b);
 }
 
+// A plain linear layer with one adapter and no dropout, in one call from Python (ops.run_linear): base = x W^T + b
+// (aten's linear, as F.linear), h = x A_s^T (aten's mm, as the torch backend's down; or a sibling's h, given), then
+// the up node (VeraUp, or VeraUpPyBackward for the triton backend). The same ops in the same order as the Python
+// path, so the same autograd graph and results; what it saves is the Python between them (frames and the
+// arguments of three op calls). Returns (y, h).
+std::tuple<Tensor, Tensor> vera_linear_plain(bool triton_backward, const Tensor& x, const Tensor& weight,
+                                             const std::optional<Tensor>& bias, const Tensor& A_s,
+                                             const std::optional<Tensor>& h_given, const Tensor& B_s,
+                                             const Tensor& lambda_d, const Tensor& lambda_b) {
+    Tensor base = at::linear(x, weight, bias);
+    Tensor h = h_given.has_value() ? *h_given : at::mm(x, A_s.t());
+    Tensor y = triton_backward ? VeraUpPyBackward::apply(base, h, B_s, lambda_d, lambda_b)
+                               : VeraUp::apply(base, h, B_s, lambda_d, lambda_b);
+    return {y, h};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("vera_linear_plain", &vera_linear_plain,
+          "(x W^T + b + the up node's delta on h = x A_s^T or the h given, h): vera_linear_plain(triton_backward, x, "
+          "weight, bias, A_s, h, B_s, lambda_d, lambda_b)");
     m.def("vera_up", &vera_up, "base + h R^T with R = diag(lambda_b) B_s diag(lambda_d) (VeraUpFunction in C++)");
     m.def("vera_up_py_backward", &vera_up_py_backward,
           "vera_up's forward; backward through the up_backward given to set_triton_functions");

@@ -261,3 +261,91 @@ def test_the_triton_backend_runs_its_dropout_node_in_eager_mode():
     assert "CppNode" in down.name(), down.name()
     model(token_ids(0)).logits.sum().backward()
     assert layer.vera_lambda_d["default"].grad.abs().max() > 0
+
+
+# ============================================================================================ one-call linear
+# ops.run_linear: a plain nn.Linear base with one adapter and no dropout runs as one C++ call (vera_linear_plain:
+# aten's linear, mm, then the backend's up node); it must be the two-step path (linear_base + run_adapters)
+# exactly, sharing h with siblings the same way, and fall back to it wherever one of its conditions fails.
+class _Three(torch.nn.Module):
+    """Three siblings reading one input (h shared), one without bias, one of another width."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(12, 10)
+        self.k = torch.nn.Linear(12, 7, bias=False)
+        self.v = torch.nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.q(x).sum(-1) * 1.5 + self.k(x).sum(-1) - self.v(x).square().sum(-1)
+
+
+def _three(backend, dtype, dropout=0.0):
+    import vera_kernels as vk
+    from helpers import set_random_lambdas
+
+    torch.manual_seed(0)
+    m = _Three().to(dtype)
+    vk.patch_model(m, vk.VeraConfig(r=4, target_modules=["q", "k", "v"], init_weights=False, vera_dropout=dropout),
+                   backend=backend)
+    set_random_lambdas(m, seed=2)
+    return m.train()
+
+
+def _step(m, dtype, shape=(2, 5, 12)):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()
+    y = m(x)
+    y.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),
+                                           ("triton", torch.float32), ("triton", torch.float16)])
+def test_one_call_linear_is_the_two_step_path(backend, dtype, monkeypatch):
+    from vera_kernels.backends import get_impl
+
+    _triton() if backend == "triton" else _native()
+    impl = get_impl(backend)
+    m = _three(backend, dtype)
+    real = impl.linear_plain
+    calls = []
+
+    def counting():
+        fn = real()
+        assert fn is not None
+
+        def run(x, weight, bias, A_s, h, *rest):
+            calls.append(h is not None)
+            return fn(x, weight, bias, A_s, h, *rest)
+        return run
+
+    monkeypatch.setattr(impl, "linear_plain", counting)
+    y1, gx1, grads1 = _step(m, dtype)
+    assert calls == [False, True, True], calls  # q computes h, k and v take it
+    monkeypatch.setattr(impl, "linear_plain", lambda: None)  # the two-step path
+    y2, gx2, grads2 = _step(m, dtype)
+    assert torch.isfinite(y1.float()).all() and torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert grads1.keys() == grads2.keys() and len(grads1) == 6  # lambda_d and lambda_b of three layers
+    for name in grads1:
+        assert torch.equal(grads1[name], grads2[name]), name
+        assert grads1[name].abs().max() > 0, name
+
+
+@pytest.mark.parametrize("case", ["dropout", "bf16 on the CPU", "two adapters"])
+def test_one_call_linear_not_taken_outside_its_case(case, monkeypatch):
+    from vera_kernels.backends import get_impl
+
+    _native()
+    impl = get_impl("torch")
+    dtype = torch.bfloat16 if case == "bf16 on the CPU" else torch.float32  # (branch in float32 there)
+    m = _three("torch", dtype, dropout=0.2 if case == "dropout" else 0.0)
+    if case == "two adapters":
+        import vera_kernels as vk
+
+        vk.add_adapter(m, "other", vk.VeraConfig(r=4, target_modules=["q", "k", "v"], init_weights=False))
+        vk.set_adapter(m, ["default", "other"])
+    monkeypatch.setattr(impl, "linear_plain", lambda: pytest.fail("the one-call path was taken"))
+    y, gx, grads = _step(m, dtype)
+    assert torch.isfinite(y.float()).all() and gx.abs().max() > 0

@@ -17,7 +17,12 @@ def _environment_names() -> set[str]:
     for path in [ROOT / "setup.py", *sorted((ROOT / "vera_kernels").rglob("*.py"))]:
         src = path.read_text()
         consts = dict(re.findall(r"^(ENV_\w+)\s*=\s*\"(\w+)\"", src, flags=re.M))
-        for arg in re.findall(r"os\.environ(?:\.get|\.setdefault|\.pop)?\s*[\(\[]\s*([\w\"']+)", src):
+        # os.environ reads, and backends.env_value (a faster os.environ.get) calls
+        reads = re.findall(r"os\.environ(?:\.get|\.setdefault|\.pop)?\s*[\(\[]\s*([\w\"']+)", src)
+        reads += re.findall(r"\benv_value\(\s*([\w\"']+)", src)
+        for arg in reads:
+            if arg == "name" and "def env_value(name" in src:
+                continue  # env_value's own fallback: its callers are scanned
             name = consts.get(arg, arg.strip("\"'"))
             assert re.fullmatch(r"[A-Z][A-Z0-9_]*", name), f"{path.name}: cannot resolve os.environ[{arg}]"
             names.add(name)

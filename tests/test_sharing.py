@@ -23,15 +23,29 @@ LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @pytest.fixture
 def downs(monkeypatch):
-    """Counts the torch backend's down-node calls (each is one x A_s^T GEMM)."""
+    """Counts the torch backend's x A_s^T GEMMs: its down-node calls and the one-call linears (ops.run_linear) that
+    were given no h."""
     calls = []
     real = vera_torch.down
+    real_linear = vera_torch.linear_plain
 
     def counting(x, A_s, p, seed):
         calls.append(tuple(x.shape))
         return real(x, A_s, p, seed)
 
+    def counting_linear():
+        fn = real_linear()
+        if fn is None:
+            return None
+
+        def run(x, weight, bias, A_s, h, *rest):
+            if h is None:
+                calls.append(tuple(x.shape))
+            return fn(x, weight, bias, A_s, h, *rest)
+        return run
+
     monkeypatch.setattr(vera_torch, "down", counting)
+    monkeypatch.setattr(vera_torch, "linear_plain", counting_linear)
     return calls
 
 

@@ -316,6 +316,24 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
+def test_env_value_is_os_environ_get(monkeypatch):
+    """backends.env_value (the switches read per layer call, from os.environ's own dict) sees every change made
+    through os.environ, as os.environ.get does."""
+    from vera_kernels.backends import env_value
+
+    name = "VERA_KERNELS_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    assert env_value(name) is None
+    for value in ("cublas", "", "triton", "é-ü", "cublas-accumulate"):
+        monkeypatch.setenv(name, value)
+        assert env_value(name) == os.environ.get(name) == value
+    monkeypatch.delenv(name)
+    assert env_value(name) is None
+    with base_gemm("triton"):
+        assert vt.base_gemm_mode() == "triton"
+    assert vt.base_gemm_mode() == "cublas"
+
+
 @pytest.mark.parametrize("need_lambdas", [True, False], ids=["lambdas", "no-lambdas"])
 @pytest.mark.parametrize("base", BASE_GEMMS)
 def test_custom_ops_opcheck(base, need_lambdas):

@@ -16,7 +16,7 @@ from torch.nn.modules import module as _nn_module
 
 from ._dtypes import PARAM_DTYPE, autocast_dtype, branch_dtype, float32_preserving
 from .backends import check_backend_name, get_impl, resolve_backend
-from .ops import linear_base, run_adapters, run_mixed
+from .ops import linear_base, run_adapters, run_linear, run_mixed
 from .projections import VeraProjections
 from .targeting import in_out_features
 
@@ -233,18 +233,20 @@ class VeraLinear(nn.Module):
         xf = xc.reshape(-1, self.in_features) if impl.FLAT and xc.dim() != 2 else xc
         # (a plain base's output has the input's dtype: linear_base checks the weight's)
         cd = branch_dtype(concrete, base_out.dtype if base_out is not None else xf.dtype, xf.dtype, x.device.type)
-        fused = None
-        if plain is not None:
-            base_out, fused = linear_base(concrete, impl, xf, plain[0], plain[1], self.fan_in_fan_out,
-                                          fuse=mixed is None)
-        elif impl.FLAT and base_out.dim() != 2:
-            base_out = base_out.reshape(-1, self.out_features)
         projections = self._modules["vera_projections"]
         A_s, B_s = projections.operands(cd, self.in_features, self.out_features)
         share = projections.shared_h.slot(x, (self.in_features, cd, concrete)) if impl.SHARES_H else None
         if mixed is None:
-            return run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, fused_base=fused,
-                                share=share)
+            if plain is not None:
+                return run_linear(concrete, impl, xf, plain[0], plain[1], self.fan_in_fan_out, A_s, B_s, adapters,
+                                  compute_dtype=cd, share=share)
+            if impl.FLAT and base_out.dim() != 2:
+                base_out = base_out.reshape(-1, self.out_features)
+            return run_adapters(impl, xf, base_out, A_s, B_s, adapters, compute_dtype=cd, share=share)
+        if plain is not None:
+            base_out = linear_base(concrete, impl, xf, plain[0], plain[1], self.fan_in_fan_out, fuse=False)[0]
+        elif impl.FLAT and base_out.dim() != 2:
+            base_out = base_out.reshape(-1, self.out_features)
         return run_mixed(impl, xf, base_out, A_s, B_s, *mixed, compute_dtype=cd, share=share)
 
     def _plain_base(self, args, kwargs):

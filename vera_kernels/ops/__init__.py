@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _dtypes
 from ..backends import fused_base_mode, get_impl, resolve_backend
 
-__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed", "run_adapters", "run_mixed"]
+__all__ = ["vera_linear", "vera_add_delta", "draw_dropout_seed", "run_adapters", "run_linear", "run_mixed"]
 
 
 def draw_dropout_seed(device: Optional[torch.device] = None) -> torch.Tensor:
@@ -81,6 +81,32 @@ def _h_for(impl, x, xc, vera_A_s, p: float, share, hs: dict, compute_dtype):
     if shared or p == 0.0:
         hs[p] = h
     return h, xc
+
+
+def run_linear(backend: str, impl, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               fan_in_fan_out: bool, vera_A_s: torch.Tensor, vera_B_s: torch.Tensor, adapters, *,
+               compute_dtype: torch.dtype, share=None) -> torch.Tensor:
+    """A plain linear base (weight, bias) on ``x`` plus the adapters' deltas: ``linear_base`` then ``run_adapters``,
+    or, in the common case, one native call (``impl.linear_plain()``, csrc/vera_up.cpp ``vera_linear_plain``) that
+    runs the same ops in the same order: one adapter without dropout, an nn.Linear layout, everything in x's dtype
+    (the base weight and bias, A_s and the compute dtype), no fused base arrangement. h is shared with siblings
+    through ``share`` as ``run_adapters`` does."""
+    if len(adapters) == 1:
+        lambda_d, lambda_b, p = adapters[0]
+        dtype = x.dtype
+        if (p == 0.0 and not fan_in_fan_out and compute_dtype == dtype and vera_A_s.dtype == dtype
+                and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+                and (backend != "triton" or impl.base_gemm_mode() == "cublas")):
+            fn = impl.linear_plain()
+            if fn is not None:
+                h = share.get(0.0) if share is not None else None
+                y, h_new = fn(x, weight, bias, vera_A_s, h, vera_B_s, lambda_d, lambda_b)
+                if share is not None and h is None:
+                    share.put(h_new, 0.0)
+                return y
+    base, fused = linear_base(backend, impl, x, weight, bias, fan_in_fan_out)
+    return run_adapters(impl, x, base, vera_A_s, vera_B_s, adapters, compute_dtype=compute_dtype, fused_base=fused,
+                        share=share)
 
 
 def run_mixed(impl, x: torch.Tensor, base: torch.Tensor, vera_A_s: torch.Tensor, vera_B_s: torch.Tensor,

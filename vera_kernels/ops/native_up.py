@@ -75,6 +75,14 @@ def native_up() -> Optional[Callable]:
     return module.vera_up if module is not None else None
 
 
+def native_linear_plain() -> Optional[Callable]:
+    """The C++ ``vera_linear_plain(triton_backward, x, weight, bias, A_s, h, B_s, lambda_d, lambda_b) -> (y, h)``
+    (a plain linear base and one adapter without dropout in one call: ops.run_linear), or None. With
+    ``triton_backward`` its up node is the triton one, which needs ``native_triton_nodes`` first."""
+    module = _module()
+    return module.vera_linear_plain if module is not None else None
+
+
 _triton_nodes: dict = {}  # the functions registered -> (vera_up_py_backward, vera_down_py); one set per process
 
 

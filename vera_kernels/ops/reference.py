@@ -25,6 +25,11 @@ SEEDED = False  # PEFT's F.dropout on torch's global generator: no seed
 SHARES_H = False  # never: PEFT computes h per layer, and summing siblings' grad_h first would round differently
 
 
+def linear_plain():
+    """No one-call linear (ops.run_linear): PEFT's ops, one by one."""
+    return None
+
+
 def down(x: torch.Tensor, vera_A_s: torch.Tensor, dropout_p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """h = F.linear(dropout(x.to(A's dtype)), A_s): PEFT's first adapter GEMM, in float32 (the seed is unused: the
     mask is PEFT's F.dropout on torch's global generator)."""

@@ -349,10 +349,6 @@ def _int_width(a: int) -> int:
     return 2 if 0 <= a <= 0xFFFFFFFFFFFFFFFF else 3
 
 
-def _hook_set(hook) -> bool:
-    return hook is not None and (type(hook) is not _HOOK_CHAIN or bool(hook.calls))
-
-
 def _observed(fn: JITFunction) -> bool:
     """Invariant 2: something could observe or alter this launch, or ``run`` is not Triton's."""
     return bool(type(fn).run is not _TRITON_RUN or "run" in fn.__dict__ or fn.pre_run_hooks or _observed_globally())
@@ -361,7 +357,9 @@ def _observed(fn: JITFunction) -> bool:
 def _observed_globally() -> bool:
     """Invariant 2's part common to every kernel: a launch hook, an inspection hook, instrumentation, fpsan."""
     rt = knobs.runtime
-    return bool(_hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook)
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook  # (_hook_set, inlined)
+    return bool((enter is not None and (type(enter) is not _HOOK_CHAIN or bool(enter.calls)))
+                or (exit_ is not None and (type(exit_) is not _HOOK_CHAIN or bool(exit_.calls)))
                 or rt.add_stages_inspection_hook is not None or knobs.compilation.instrumentation_mode
                 or (_HAS_FPSAN and knobs.compilation.fpsan_homomorphic_casts))
 

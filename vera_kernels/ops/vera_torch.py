@@ -16,6 +16,8 @@ anything but its own backward.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -225,11 +227,11 @@ def _apply(fn):
     return apply
 
 
-def native_first(python_apply, native):
-    """An apply that runs the C++ node ``native()`` returns (None: not loadable here, see ops/native_up.py) in eager
-    mode, else ``python_apply`` (under torch.compile and functorch transforms always: they trace the Python
-    Function). ``native()`` is asked once per load of the native module (native_up.GENERATION), not per call: its
-    lookups are a good part of a small layer's host time."""
+def eager_native(native):
+    """``get()`` -> what ``native()`` returns (a C++ function, or None: not loadable here, see ops/native_up.py) in
+    eager mode, None under torch.compile and functorch transforms (they trace the Python Functions). ``native()`` is
+    asked once per load of the native module (native_up.GENERATION), not per call: its lookups are a good part of a
+    small layer's host time."""
     from . import native_up
 
     transforms_active = torch._C._are_functorch_transforms_active
@@ -237,14 +239,26 @@ def native_first(python_apply, native):
     generation = native_up.GENERATION
     resolved = [None, -1]  # [native() or None, the generation it was asked in]
 
+    def get():
+        if is_compiling() or transforms_active():
+            return None
+        fn, seen = resolved
+        if seen != generation[0]:
+            fn = resolved[0] = native()
+            resolved[1] = generation[0]
+        return fn
+
+    return get
+
+
+def native_first(python_apply, native):
+    """An apply that runs the C++ node ``native()`` returns where ``eager_native`` gives it, else ``python_apply``."""
+    get = eager_native(native)
+
     def apply(*args):
-        if not is_compiling() and not transforms_active():
-            fn, seen = resolved
-            if seen != generation[0]:
-                fn = resolved[0] = native()
-                resolved[1] = generation[0]
-            if fn is not None:
-                return fn(*args)
+        fn = get()
+        if fn is not None:
+            return fn(*args)
         return python_apply(*args)
 
     return apply
@@ -260,6 +274,17 @@ def _apply_up_native_first():
 
 apply_down = _apply(VeraDownFunction)
 apply_up = _apply_up_native_first()
+
+
+def _linear_plain_native():
+    from .native_up import native_linear_plain
+
+    fn = native_linear_plain()
+    return functools.partial(fn, False) if fn is not None else None
+
+
+# the C++ vera_linear_plain with this backend's up node (VeraUp), or None: see ops.run_linear
+linear_plain = eager_native(_linear_plain_native)
 apply_up_mixed = _apply(VeraUpMixedFunction)
 
 

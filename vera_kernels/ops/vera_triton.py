@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..backends import env_value
 from .triton_launch import bind, launch, launch_guard, on_clear, plan_cache, recording
 
 
@@ -63,7 +63,7 @@ from .triton_launch import bind, launch, launch_guard, on_clear, plan_cache, rec
 # ============================================================================================ reference
 # The math the kernels below implement, in plain torch (differentiable; float64 in the tests and gpu-check).
 from .reference import vera_formula  # noqa: E402,F401
-from .vera_torch import _apply, _as, _fold, native_first  # noqa: E402
+from .vera_torch import _apply, _as, _fold, eager_native, native_first  # noqa: E402
 from .vera_torch import down as torch_down  # noqa: E402
 
 
@@ -783,7 +783,7 @@ def base_gemm_mode() -> str:
     in one run (2685fc4), within that run's noise; ``make gpu-check`` compares all three;
     ``VERA_KERNELS_BASE_GEMM`` selects one.
     """
-    env = os.environ.get(ENV_BASE_GEMM)
+    env = env_value(ENV_BASE_GEMM)
     if env:
         if env not in BASE_GEMMS:
             raise ValueError(f"{ENV_BASE_GEMM}={env!r}: choose one of {BASE_GEMMS}")
@@ -1175,6 +1175,18 @@ def _apply_up_plain():
 
     return native_first(python_apply, lambda: _native_node(0))
 
+
+def _linear_plain_native():
+    from .native_up import native_linear_plain
+
+    fn = native_linear_plain()
+    if fn is None or _native_node(0) is None:  # (registers the up node's backward, which its up node calls)
+        return None
+    return functools.partial(fn, True)
+
+
+# the C++ vera_linear_plain with this backend's up node (VeraUpPyBackward), or None: see ops.run_linear
+linear_plain = eager_native(_linear_plain_native)
 
 # the dropout down node: the C++ VeraDownPy (forward and backward through _down_fwd_impl / _down_bwd_impl) where it
 # loads, else VeraDownTritonFunction

@@ -20,7 +20,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <array>
+#include <cstring>
 #include <map>
 #include <memory>
 
@@ -87,7 +87,8 @@ struct VeraUp : public torch::autograd::Function<VeraUp> {
 //   up_backward(g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> (partials of dlambda_d, LaunchReplay or None)
 //       (launches into the outputs allocated here; G = g^T h computed here, G and dlb None without lambda gradients;
 //       the replay, kept here by signature, relaunches the same plan next time without it: see LaunchReplay)
-//   down_forward(x, A_s, seed, p) -> h,   down_backward(grad_h, A_s, seed, p) -> grad_x          (vera_down_py)
+//   down_forward(x, A_s, seed, p) -> (h, LaunchReplay or None),
+//   down_backward(grad_h, A_s, seed, p) -> (grad_x, LaunchReplay or None)                         (vera_down_py)
 // (vera_triton's _up_bwd_into, _down_fwd_impl, _down_bwd_impl). The engine enters Python for those calls only, not
 // for the nodes' bookkeeping (context, saved tensors, needs_input_grad, the gradient tuple) as it does for a Python
 // autograd.Function: ~50 us less per node on the development machine (bench/host_overhead.py).
@@ -223,38 +224,80 @@ struct LaunchReplay {
 // The replays kept by signature (each caller its own map, all under the GIL); never freed at exit (their Python
 // objects need the GIL), emptied by clear_replays (triton_launch.clear) and when they would grow past the limit.
 constexpr size_t REPLAY_LIMIT = 256;
-using UpKey = std::array<int64_t, 17>;
-std::map<UpKey, std::shared_ptr<LaunchReplay>>* up_replays = new std::map<UpKey, std::shared_ptr<LaunchReplay>>();
-int64_t up_replay_misses = 0;
+using ReplayKey = std::vector<int64_t>;
 
-// what the Python plan key of _up_bwd_into holds: shapes and strides of g, h and B_s, the dtype, the device, whether
-// the lambda gradients are made and the float32 matmul precision; false where the tensors are not 2-D
-bool up_key(const Tensor& g, const Tensor& h, const Tensor& B_s, bool lambdas, UpKey& key) {
-    if (g.dim() != 2 || h.dim() != 2 || B_s.dim() != 2) return false;
-    size_t k = 0;
-    for (const Tensor* t : {&g, &h, &B_s}) {
-        key[k++] = t->size(0);
-        key[k++] = t->size(1);
-        key[k++] = t->stride(0);
-        key[k++] = t->stride(1);
-    }
-    key[k++] = static_cast<int64_t>(g.scalar_type());
-    key[k++] = static_cast<int64_t>(g.device().type());
-    key[k++] = g.device().index();
-    key[k++] = lambdas;
-    key[k++] = g.scalar_type() == at::kFloat ? static_cast<int64_t>(at::globalContext().float32MatmulPrecision()) : -1;
-    return true;
+// One call site's replays by signature, and how many of its calls took the Python path.
+struct ReplaySite {
+    std::map<ReplayKey, std::shared_ptr<LaunchReplay>> replays;
+    int64_t python = 0;
+};
+ReplaySite* up_backward_site = new ReplaySite();
+ReplaySite* down_forward_site = new ReplaySite();
+ReplaySite* down_backward_site = new ReplaySite();
+
+// the parts of the Python plan keys (vera_triton: _up_bwd_planned, _down_fwd_planned, _down_bwd_planned): each
+// tensor's shape and strides, then the first tensor's dtype and device and the float32 matmul precision
+void key_tensor(ReplayKey& key, const Tensor& t) {
+    key.push_back(t.dim());
+    for (const int64_t v : t.sizes()) key.push_back(v);
+    for (const int64_t v : t.strides()) key.push_back(v);
 }
 
-void clear_replays() { up_replays->clear(); }
+void key_tail(ReplayKey& key, const Tensor& t) {
+    key.push_back(static_cast<int64_t>(t.scalar_type()));
+    key.push_back(static_cast<int64_t>(t.device().type()));
+    key.push_back(t.device().index());
+    key.push_back(t.scalar_type() == at::kFloat ? static_cast<int64_t>(at::globalContext().float32MatmulPrecision())
+                                                 : -1);
+}
+
+int64_t key_double(double v) {
+    int64_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    return bits;
+}
+
+// a registered function's (output, replay) result; anything else is an error (never iterated into a tuple)
+py::tuple result_pair(py::object out) {
+    if (!py::isinstance<py::tuple>(out) || py::len(out) != 2)
+        throw std::runtime_error("vera_kernels: a triton node's Python function must return (output, replay)");
+    return py::reinterpret_borrow<py::tuple>(out);
+}
+
+// The site's replay for ``key`` with ``slots`` (its one output), else ``python()`` -> (output or None, LaunchReplay
+// or None), whose replay is kept for the key. Needs the GIL.
+template <typename Python>
+Tensor run_site(ReplaySite& site, const ReplayKey& key, std::vector<Tensor> slots, Python python) {
+    static_assert(std::is_same_v<decltype(python()), py::object>, "python() returns the function's result");
+    auto it = site.replays.find(key);
+    if (it != site.replays.end()) {
+        std::vector<Tensor> outs;
+        if (it->second->run(std::move(slots), outs)) return outs.at(0);
+    }
+    ++site.python;
+    py::tuple out = result_pair(python());
+    if (!out[1].is_none()) {
+        if (site.replays.size() >= REPLAY_LIMIT) site.replays.clear();
+        site.replays[key] = out[1].cast<std::shared_ptr<LaunchReplay>>();
+    }
+    return out[0].is_none() ? Tensor() : out[0].cast<Tensor>();
+}
+
+void clear_replays() {
+    for (ReplaySite* site : {up_backward_site, down_forward_site, down_backward_site}) site->replays.clear();
+}
 
 py::dict replay_stats() {
     py::dict d;
-    int64_t runs = 0;
-    for (const auto& kv : *up_replays) runs += kv.second->runs;
-    d["up_backward_replays"] = up_replays->size();
-    d["up_backward_replayed"] = runs;
-    d["up_backward_python"] = up_replay_misses;
+    const std::pair<const char*, ReplaySite*> sites[] = {
+        {"up_backward", up_backward_site}, {"down_forward", down_forward_site}, {"down_backward", down_backward_site}};
+    for (const auto& [name, site] : sites) {
+        int64_t runs = 0;
+        for (const auto& kv : site->replays) runs += kv.second->runs;
+        d[py::str(std::string(name) + "_replays")] = site->replays.size();
+        d[py::str(std::string(name) + "_replayed")] = runs;
+        d[py::str(std::string(name) + "_python")] = site->python;
+    }
     return d;
 }
 
@@ -286,28 +329,14 @@ struct VeraUpPyBackward : public torch::autograd::Function<VeraUpPyBackward> {
             {
                 py::gil_scoped_acquire gil;  // the engine runs this without the GIL (on CUDA, on its device thread)
                 try {
-                    UpKey key;
-                    const bool keyed = up_key(g, h, B_s, lambdas, key);
-                    std::shared_ptr<LaunchReplay> replay;
-                    if (keyed) {
-                        auto it = up_replays->find(key);
-                        if (it != up_replays->end()) replay = it->second;
-                    }
-                    std::vector<Tensor> outs;
-                    if (replay && replay->run({g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, gh}, outs)) {
-                        if (lambdas) part = outs.at(0);
-                    } else {
-                        ++up_replay_misses;
-                        // -> (partials or None, a LaunchReplay of this signature's plan or None)
-                        py::tuple out = (*up_backward_fn)(g, h, B_s, lambda_d, lambda_b,
-                                                          lambdas ? py::cast(G) : py::none(), Bl,
-                                                          lambdas ? py::cast(dlb) : py::none(), gh);
-                        if (lambdas) part = out[0].cast<Tensor>();
-                        if (keyed && !out[1].is_none()) {
-                            if (up_replays->size() >= REPLAY_LIMIT) up_replays->clear();
-                            (*up_replays)[key] = out[1].cast<std::shared_ptr<LaunchReplay>>();
-                        }
-                    }
+                    ReplayKey key;
+                    for (const Tensor* t : {&g, &h, &B_s}) key_tensor(key, *t);
+                    key.push_back(lambdas);
+                    key_tail(key, g);
+                    part = run_site(*up_backward_site, key, {g, h, B_s, lambda_d, lambda_b, G, Bl, dlb, gh}, [&] {
+                        return (*up_backward_fn)(g, h, B_s, lambda_d, lambda_b, lambdas ? py::cast(G) : py::none(),
+                                                 Bl, lambdas ? py::cast(dlb) : py::none(), gh);
+                    });
                 } catch (py::error_already_set& e) {
                     rethrow("up node's backward", e);
                 }
@@ -328,7 +357,14 @@ struct VeraDownPy : public torch::autograd::Function<VeraDownPy> {
         ctx->saved_data["p"] = p;
         py::gil_scoped_acquire gil;  // (held already when called from Python: a no-op)
         try {
-            return (*down_forward_fn)(x, A_s, seed, p).cast<Tensor>();
+            const Tensor w_kn = as_dtype(A_s, x.scalar_type()).t();  // as _down_fwd_planned makes it
+            ReplayKey key;
+            key_tensor(key, x);
+            key_tensor(key, w_kn);
+            key.push_back(key_double(p));
+            key_tail(key, x);
+            return run_site(*down_forward_site, key, {x, w_kn, seed},
+                            [&] { return (*down_forward_fn)(x, A_s, seed, p); });
         } catch (py::error_already_set& e) {
             rethrow("down node's forward", e);
         }
@@ -342,7 +378,15 @@ struct VeraDownPy : public torch::autograd::Function<VeraDownPy> {
         {
             py::gil_scoped_acquire gil;
             try {
-                grad_x = (*down_backward_fn)(grads[0], saved[0], saved[1], p).cast<Tensor>();
+                const Tensor& grad_h = grads[0];
+                const Tensor A = as_dtype(saved[0], grad_h.scalar_type());  // as _down_bwd_planned makes it
+                ReplayKey key;
+                key_tensor(key, grad_h);
+                key_tensor(key, A);
+                key.push_back(key_double(p));
+                key_tail(key, grad_h);
+                grad_x = run_site(*down_backward_site, key, {grad_h, A, saved[1]},
+                                  [&] { return (*down_backward_fn)(grad_h, saved[0], saved[1], p); });
             } catch (py::error_already_set& e) {
                 rethrow("down node's backward", e);
             }

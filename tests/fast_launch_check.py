@@ -441,6 +441,33 @@ def _tensor_spec(a):
     return a
 
 
+# (tokens, out, r, dtype, strided) of the plan and replay sections: odd shapes, GPU shapes, every dtype
+PLAN_CASES = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
+              (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
+
+
+def rows(M, n, dtype, strided=False, misaligned=False):
+    """An (M, n) meta tensor: contiguous, transposed (strided) or 16-byte misaligned."""
+    if strided:
+        return torch.empty((n, M), dtype=dtype, device="meta").t()
+    return torch.empty(M * n + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n].view(M, n)
+
+
+@contextlib.contextmanager
+def _standin_sm90(record, vt):
+    """Stand-in compiled kernels recorded by ``record`` under the sm_90 stand-in driver; undone (and every kept
+    kernel, plan and replay forgotten) on exit."""
+    with StandInCompiler(record):
+        driver.set_active(tcc._TargetOnlyDriver(90))
+        try:
+            yield
+        finally:
+            driver.set_active(None)
+            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel, vt._vera_up_kernel):
+                fn.device_caches.clear()
+            tl.clear()
+
+
 def plan_runs() -> dict:
     """Section 6: the triton backend's launch plans (vera_triton._LaunchPlan: the up node's backward, the dropout
     down node's forward and backward) launch what their unplanned paths launch: the same kernels with the same
@@ -455,11 +482,6 @@ def plan_runs() -> dict:
     out = dict(signatures=0, planned=0, same_launches=0, misaligned=0, misaligned_same=0, alive_after=0)
     caches = (vt._UP_BWD_PLANS, vt._DOWN_FWD_PLANS, vt._DOWN_BWD_PLANS)
     seed = torch.empty((), dtype=torch.int64, device="meta")
-
-    def rows(M, n, dtype, strided=False, misaligned=False):
-        if strided:
-            return torch.empty((n, M), dtype=dtype, device="meta").t()
-        return torch.empty(M * n + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n].view(M, n)
 
     def sites(M, n_out, r, dtype, strided, misaligned=False):
         """(name, function, args maker, expected launches) per plan site."""
@@ -480,78 +502,76 @@ def plan_runs() -> dict:
         record.calls.clear()  # (they hold the tensors)
         return calls, result
 
-    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
-             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
-    with StandInCompiler(record):
-        driver.set_active(tcc._TargetOnlyDriver(90))
-        try:
-            for M, n_out, r, dtype, strided in cases:
-                for (name, fn, make, n_launches), (_, _, make_odd, _) in zip(
-                        sites(M, n_out, r, dtype, strided), sites(M, n_out, r, dtype, strided, misaligned=True)):
+    with _standin_sm90(record, vt):
+        for M, n_out, r, dtype, strided in PLAN_CASES:
+            for (name, fn, make, n_launches), (_, _, make_odd, _) in zip(
+                    sites(M, n_out, r, dtype, strided), sites(M, n_out, r, dtype, strided, misaligned=True)):
+                for cache in caches:
+                    cache.clear()
+                first, _ = launched(fn, make())  # builds the plan
+                out["signatures"] += 1
+                out["planned"] += sum(len(c) for c in caches)
+                again, result = launched(fn, make())  # through the plan
+                out["same_launches"] += again == first and len(first) == n_launches
+                ref = weakref.ref(result[0] if isinstance(result, tuple) else result)
+                del result
+                gc.collect()
+                out["alive_after"] += ref() is not None
+                if not strided:
+                    out["misaligned"] += 1
+                    planned, _ = launched(fn, make_odd())
                     for cache in caches:
                         cache.clear()
-                    first, _ = launched(fn, make())  # builds the plan
-                    out["signatures"] += 1
-                    out["planned"] += sum(len(c) for c in caches)
-                    again, result = launched(fn, make())  # through the plan
-                    out["same_launches"] += again == first and len(first) == n_launches
-                    ref = weakref.ref(result[0] if isinstance(result, tuple) else result)
-                    del result
-                    gc.collect()
-                    out["alive_after"] += ref() is not None
-                    if not strided:
-                        out["misaligned"] += 1
-                        planned, _ = launched(fn, make_odd())
-                        for cache in caches:
-                            cache.clear()
-                        unplanned, _ = launched(fn, make_odd())
-                        out["misaligned_same"] += planned == unplanned and planned != first
-        finally:
-            driver.set_active(None)
-            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel, vt._vera_up_kernel):
-                fn.device_caches.clear()
-            tl.clear()
+                    unplanned, _ = launched(fn, make_odd())
+                    out["misaligned_same"] += planned == unplanned and planned != first
     return out
 
 
 def replay_runs() -> dict:
-    """Section 7: the triton up node's backward replayed in C++ (csrc/vera_up.cpp LaunchReplay, from the plan's
-    BoundLaunch.native_spec) launches what the Python path launches: the same kernels, grids, streams, function
-    handles, packed metadata and arguments (tensors by dtype, shape, strides and alignment), with no hook or launch
-    metadata passed, at odd shapes, with a strided gradient, in every dtype, with and without the lambda gradients.
-    A misaligned gradient on a replayed signature, a launch hook, the switch off and another float32 matmul precision
-    each send the backward through Python, which launches what the unplanned path launches."""
+    """Section 7: the triton C++ nodes' launches replayed in C++ (csrc/vera_up.cpp LaunchReplay, from the plans'
+    BoundLaunch.native_spec): the up node's backward, and the dropout down node's forward and backward. A replay
+    launches what the Python path launches: the same kernels, grids, streams, function handles, packed metadata and
+    arguments (tensors by dtype, shape, strides and alignment), with no hook or launch metadata passed, at odd
+    shapes, with a strided input, in every dtype, with and without the lambda gradients, at two dropout p. A
+    misaligned input on a replayed signature, a launch hook, the switch off and another float32 matmul precision each
+    send the pass through Python, which launches what the unplanned path launches."""
     from vera_kernels.ops import native_up as NU
 
     vt = tcc.load_backend(None)
-    node = vt._native_node(0)
-    out = dict(native=node is not None, signatures=0, replayed=0, same_launches=0, misaligned=0, misaligned_same=0,
+    node, down_node = vt._native_node(0), vt._native_node(1)
+    out = dict(native=node is not None and down_node is not None, signatures=0, replayed=0, same_launches=0, misaligned=0, misaligned_same=0,
                refused=0, refused_same=0)
-    if node is None:
+    if not out["native"]:
         return out
     record = LauncherCalls()
 
     def meta(shape, dtype, grad=False):
         return torch.empty(shape, dtype=dtype, device="meta").requires_grad_(grad)
 
-    def rows(M, n, dtype, strided=False, misaligned=False):
-        if strided:
-            return torch.empty((n, M), dtype=dtype, device="meta").t()
-        return torch.empty(M * n + 1, dtype=dtype, device="meta")[1 if misaligned else 0:][:M * n].view(M, n)
-
-    def backward(M, n_out, r, dtype, need, strided=False, misaligned=False):
-        """The launches of one backward of the C++ node, and how it ran (replayed: 1, through Python: 0)."""
-        B_s = torch.empty((n_out + 3, r), device="meta")[:n_out]
-        y = node(meta((M, n_out), dtype, True), meta((M, r), dtype, True), B_s, meta(r, torch.float32, need),
-                 meta(n_out, torch.float32, need))
-        before = NU.replay_stats()["up_backward_replayed"]
+    def run_pass(M, n_out, r, dtype, variant, strided=False, misaligned=False):
+        """The launches of one pass, and how many of its sites ran replayed (up: the backward, 1 site; down: its
+        forward and backward, 2), with whether every launch was the fast path's call."""
+        kind, value = variant
+        before = NU.replay_stats()
         record.calls.clear()
-        y.backward(rows(M, n_out, dtype, strided, misaligned))
+        if kind == "up":
+            B_s = torch.empty((n_out + 3, r), device="meta")[:n_out]
+            y = node(meta((M, n_out), dtype, True), meta((M, r), dtype, True), B_s, meta(r, torch.float32, value),
+                     meta(n_out, torch.float32, value))
+            record.calls.clear()  # (the forward launches nothing)
+            y.backward(rows(M, n_out, dtype, strided, misaligned))
+            sites = ("up_backward",)
+        else:
+            x = rows(M, n_out, dtype, strided, misaligned).requires_grad_()
+            h = down_node(x, meta((r, n_out), dtype), meta((), torch.int64), value)
+            h.backward(rows(M, r, dtype))
+            sites = ("down_forward", "down_backward")
         calls = [(k, grid, stream, function, packed, tuple(map(_tensor_spec, a)))
                  for k, grid, stream, function, packed, _, a in record.calls]
         fast = all(c[5] for c in record.calls)  # no hook chain or launch metadata passed (the fast path's call)
         record.calls.clear()
-        return calls, (NU.replay_stats()["up_backward_replayed"] - before, fast)
+        after = NU.replay_stats()
+        return calls, (sum(after[f"{s}_replayed"] - before[f"{s}_replayed"] for s in sites), fast)
 
     def refusals(M, n_out, r, dtype):
         """(name, context) of each change that must send a replayed signature's backward through Python."""
@@ -589,41 +609,34 @@ def replay_runs() -> dict:
         if dtype == torch.float32:
             yield "precision", precision
 
-    cases = [(37, 45, 19, torch.float32, False), (300, 4096, 256, torch.bfloat16, False),
-             (129, 11008, 64, torch.float16, True), (64, 64, 16, torch.float32, True)]
-    with StandInCompiler(record):
-        driver.set_active(tcc._TargetOnlyDriver(90))
-        try:
-            for M, n_out, r, dtype, strided in cases:
-                for need in (True, False):
+    with _standin_sm90(record, vt):
+        for M, n_out, r, dtype, strided in PLAN_CASES:
+            for variant in (("up", True), ("up", False), ("down", 0.1), ("down", 0.3)):
+                sites = 1 if variant[0] == "up" else 2
+                tl.clear()
+                first, replayed_first = run_pass(M, n_out, r, dtype, variant, strided)  # plans, keeps the replays
+                again, replayed = run_pass(M, n_out, r, dtype, variant, strided)
+                out["signatures"] += 1
+                out["replayed"] += replayed == (sites, True) and replayed_first[0] == 0
+                out["same_launches"] += again == first and len(first) == 2
+                if strided:
+                    continue
+                out["misaligned"] += 1
+                odd, replayed_odd = run_pass(M, n_out, r, dtype, variant, misaligned=True)
+                tl.clear()
+                unplanned, _ = run_pass(M, n_out, r, dtype, variant, misaligned=True)
+                # (the down node's backward gradient stays aligned: its replay may run, the forward's may not)
+                out["misaligned_same"] += replayed_odd[0] == sites - 1 and odd == unplanned and odd != first
+                for _, context in refusals(M, n_out, r, dtype):
                     tl.clear()
-                    first, replayed_first = backward(M, n_out, r, dtype, need, strided)  # plans, keeps the replay
-                    again, replayed = backward(M, n_out, r, dtype, need, strided)
-                    out["signatures"] += 1
-                    out["replayed"] += replayed == (1, True) and replayed_first[0] == 0
-                    out["same_launches"] += again == first and len(first) == 2
-                    if strided:
-                        continue
-                    out["misaligned"] += 1
-                    odd, replayed_odd = backward(M, n_out, r, dtype, need, misaligned=True)
-                    tl.clear()
-                    unplanned, _ = backward(M, n_out, r, dtype, need, misaligned=True)
-                    out["misaligned_same"] += replayed_odd[0] == 0 and odd == unplanned and odd != first
-                    for _, context in refusals(M, n_out, r, dtype):
+                    run_pass(M, n_out, r, dtype, variant)
+                    run_pass(M, n_out, r, dtype, variant)  # replayed from here on
+                    with context():
+                        refused, replayed_refused = run_pass(M, n_out, r, dtype, variant)
                         tl.clear()
-                        backward(M, n_out, r, dtype, need)
-                        backward(M, n_out, r, dtype, need)  # replayed from here on
-                        with context():
-                            refused, replayed_refused = backward(M, n_out, r, dtype, need)
-                            tl.clear()
-                            unplanned, _ = backward(M, n_out, r, dtype, need)
-                        out["refused"] += 1
-                        out["refused_same"] += replayed_refused[0] == 0 and refused == unplanned
-        finally:
-            driver.set_active(None)
-            for fn in (vt._scale_projection_kernel, vt._vera_down_kernel, vt._vera_up_kernel):
-                fn.device_caches.clear()
-            tl.clear()
+                        unplanned, _ = run_pass(M, n_out, r, dtype, variant)
+                    out["refused"] += 1
+                    out["refused_same"] += replayed_refused[0] == 0 and refused == unplanned
     return out
 
 

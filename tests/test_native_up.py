@@ -159,7 +159,7 @@ def _triton():
     from vera_kernels.ops import vera_triton as VTr
 
     _native()
-    nodes = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl)
+    nodes = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_native, VTr._down_bwd_native)
     assert nodes is not None, NU.native_up_status()
     return VTr, nodes[0]
 
@@ -211,12 +211,12 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
 
     NU._triton_nodes.clear()
     try:  # re-registered in the module: the node's next backward calls it
-        NU.native_triton_nodes(broken, VTr._down_fwd_impl, VTr._down_bwd_impl)
+        NU.native_triton_nodes(broken, VTr._down_fwd_native, VTr._down_bwd_native)
         with pytest.raises(RuntimeError, match="a broken backward"):
             y.backward(g)
     finally:
         NU._triton_nodes.clear()
-        assert NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl) is not None
+        assert NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_native, VTr._down_bwd_native) is not None
     _, grads = _run(native, base, h, B_s, ld, lb, g)  # and the real one is back
     assert all(t is not None and torch.isfinite(t).all() for t in grads)
 
@@ -225,7 +225,7 @@ def test_triton_node_backward_error_reaches_the_caller(monkeypatch):
 @pytest.mark.parametrize("p", [0.3, 0.05])
 def test_triton_dropout_down_node_bit_identical_to_its_python_function(dtype, p):
     VTr, _ = _triton()
-    native = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_impl, VTr._down_bwd_impl)[1]
+    native = NU.native_triton_nodes(VTr._up_bwd_native, VTr._down_fwd_native, VTr._down_bwd_native)[1]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(41, 53, generator=gen).to(dtype)
     A_s = torch.randn(19, 60, generator=gen)[:, :53].to(dtype)  # a column slice of the shared A, cast

@@ -6,7 +6,8 @@ forward's node or in backward, ~45-60 us per adapted layer call on the developme
 bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
 the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_into`` (its Triton launches)
 and nothing else in Python; its dropout down node is ``VeraDownPy``, whose forward and backward call
-``_down_fwd_impl`` / ``_down_bwd_impl`` (``native_triton_nodes``).
+``_down_fwd_native`` / ``_down_bwd_native`` (``native_triton_nodes``). All three replay their launches from C++
+once a signature has been seen (``launch_replay``), entering Python only for the launch guard.
 
 Loading (first success wins, once per process, under a lock):
 1. ``VERA_KERNELS_NATIVE_UP=0`` or ``VERA_KERNELS_NO_NATIVE=1`` -> the Python Function, silently.
@@ -92,8 +93,9 @@ def native_triton_nodes(up_backward: Callable, down_forward: Callable, down_back
     G = g^T h, allocates the outputs and sums the partials in C++ and calls ``up_backward(g, h, B_s, lambda_d,
     lambda_b, G, Bl, dlb, grad_h) -> (partials of dlambda_d, LaunchReplay or None)`` for the launches (G, dlb None:
     no lambda gradients; the replay, see ``launch_replay``, runs the same launches at that signature next time);
-    ``vera_down_py(x, A_s, seed, p)``: ``down_forward(x, A_s, seed, p) -> h`` and
-    ``down_backward(grad_h, A_s, seed, p) -> grad_x``), or None (disabled or not buildable here)."""
+    ``vera_down_py(x, A_s, seed, p)``: ``down_forward(x, A_s, seed, p) -> (h, LaunchReplay or None)`` and
+    ``down_backward(grad_h, A_s, seed, p) -> (grad_x, LaunchReplay or None)``), or None (disabled or not buildable
+    here)."""
     key = (up_backward, down_forward, down_backward)
     nodes = _triton_nodes.get(key)
     if nodes is not None:
@@ -130,8 +132,9 @@ def clear_replays() -> None:
 
 
 def replay_stats() -> dict:
-    """How the triton up node's backwards ran: ``up_backward_replayed`` (from C++), ``up_backward_python`` (through
-    its Python function: a new signature, or a call a replay refused) and ``up_backward_replays`` (kept)."""
+    """How the triton nodes' launches ran, per site (``up_backward``, ``down_forward``, ``down_backward``):
+    ``<site>_replayed`` (from C++, by the replays kept now), ``<site>_python`` (through its Python function: a new
+    signature, or a call a replay refused) and ``<site>_replays`` (kept)."""
     module = _module()
     return dict(module.replay_stats()) if module is not None else {}
 

@@ -804,30 +804,48 @@ def _down_fwd_impl(x: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, 
     """h = drop(x) A_s^T with the Philox mask applied while the down kernel loads x (never stored). Dropout only:
     without it cuBLAS's x A_s^T is faster (gpu-check at 2685fc4: 428 TFLOP/s against 163-357 for the kernel).
     (Launched through a plan per signature after the first call: see _LaunchPlan.)"""
-    w_kn = _as(vera_A_s, x.dtype).t()
-    key = (x.shape, x.stride(), w_kn.shape, w_kn.stride(), x.dtype, x.device, dropout_p, _precision_key(x.dtype))
-    plan = _DOWN_FWD_PLANS.get(key)
-    if plan is not None:
-        return plan(x, w_kn, seed)[0]
-    with recording() as calls:
-        h = vera_down(x, w_kn, seed=seed, p=dropout_p)[0]
-    _LaunchPlan.keep(_DOWN_FWD_PLANS, key, calls, (x, w_kn, seed), (h,))
-    return h
+    return _down_fwd_planned(x, vera_A_s, seed, dropout_p)[0]
 
 
 def _down_bwd_impl(grad_h: torch.Tensor, vera_A_s: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """grad_x = drop(grad_h A_s): the up kernel regenerates the forward's mask in its epilogue."""
+    return _down_bwd_planned(grad_h, vera_A_s, seed, dropout_p)[0]
+
+
+def _down_fwd_planned(x, vera_A_s, seed, dropout_p):
+    w_kn = _as(vera_A_s, x.dtype).t()  # (the C++ node's replay makes the same view: csrc/vera_up.cpp)
+    key = (x.shape, x.stride(), w_kn.shape, w_kn.stride(), x.dtype, x.device, dropout_p, _precision_key(x.dtype))
+    plan = _DOWN_FWD_PLANS.get(key)
+    if plan is not None:
+        return plan(x, w_kn, seed)[0], plan
+    with recording() as calls:
+        h = vera_down(x, w_kn, seed=seed, p=dropout_p)[0]
+    return h, _LaunchPlan.keep(_DOWN_FWD_PLANS, key, calls, (x, w_kn, seed), (h,))
+
+
+def _down_bwd_planned(grad_h, vera_A_s, seed, dropout_p):
     A = _as(vera_A_s, grad_h.dtype)
     key = (grad_h.shape, grad_h.stride(), A.shape, A.stride(), grad_h.dtype, grad_h.device, dropout_p,
            _precision_key(grad_h.dtype))
     plan = _DOWN_BWD_PLANS.get(key)
     if plan is not None:
-        return plan(grad_h, A, seed)[0]
+        return plan(grad_h, A, seed)[0], plan
     grad_x = torch.empty((grad_h.shape[0], A.shape[1]), device=grad_h.device, dtype=grad_h.dtype)
     with recording() as calls:
         vera_up(grad_h, A, grad_x, seed=seed, p=dropout_p)
-    _LaunchPlan.keep(_DOWN_BWD_PLANS, key, calls, (grad_h, A, seed), (grad_x,))
-    return grad_x
+    return grad_x, _LaunchPlan.keep(_DOWN_BWD_PLANS, key, calls, (grad_h, A, seed), (grad_x,))
+
+
+def _with_replay(planned):
+    """``planned`` for the C++ nodes (native_up.native_triton_nodes): (output, the plan's LaunchReplay or None), the
+    replay kept there by signature to relaunch the same plan without Python next time."""
+
+    def native(*args):
+        out, plan = planned(*args)
+        return out, plan.replay() if plan is not None else None
+
+    native.__name__ = native.__qualname__ = planned.__name__.replace("_planned", "_native")
+    return native
 
 
 def _up_fwd_impl(
@@ -896,13 +914,6 @@ def _up_bwd_into(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h) -> Opti
     return _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)[0]
 
 
-def _up_bwd_native(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h):
-    """_up_bwd_into for the C++ up node (VeraUpPyBackward): (partials, the plan's LaunchReplay or None), the replay
-    kept there by signature to relaunch the same plan without this function next time."""
-    part, plan = _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h)
-    return part, plan.replay() if plan is not None else None
-
-
 def _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h):
     need_lambdas = G is not None
     key = (g.shape, g.stride(), h.shape, h.stride(), vera_B_s.shape, vera_B_s.stride(), g.dtype, g.device,
@@ -917,6 +928,11 @@ def _up_bwd_planned(g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h):
     plan = _LaunchPlan.keep(_UP_BWD_PLANS, key, calls, (g, h, vera_B_s, lambda_d, lambda_b, G, Bl, dlb, grad_h),
                             (part_ld,))
     return part_ld, plan
+
+
+_up_bwd_native = _with_replay(_up_bwd_planned)
+_down_fwd_native = _with_replay(_down_fwd_planned)
+_down_bwd_native = _with_replay(_down_bwd_planned)
 
 
 def _precision_key(dtype: torch.dtype):
@@ -1162,7 +1178,7 @@ def _native_node(which: int):
     ``native_triton_nodes``, registered with this module's implementations, or None where it does not load."""
     from .native_up import native_triton_nodes
 
-    nodes = native_triton_nodes(_up_bwd_native, _down_fwd_impl, _down_bwd_impl)
+    nodes = native_triton_nodes(_up_bwd_native, _down_fwd_native, _down_bwd_native)
     return nodes[which] if nodes is not None else None
 
 

@@ -333,7 +333,11 @@ def test_one_call_linear_is_the_two_step_path(backend, dtype, monkeypatch):
         assert grads1[name].abs().max() > 0, name
 
 
-@pytest.mark.parametrize("case", ["dropout", "bf16 on the CPU", "two adapters"])
+class _Marked(torch.Tensor):
+    """A tensor subclass (as quantized or distributed weights are): handled through __torch_function__."""
+
+
+@pytest.mark.parametrize("case", ["dropout", "bf16 on the CPU", "two adapters", "subclass input"])
 def test_one_call_linear_not_taken_outside_its_case(case, monkeypatch):
     from vera_kernels.backends import get_impl
 
@@ -347,5 +351,11 @@ def test_one_call_linear_not_taken_outside_its_case(case, monkeypatch):
         vk.add_adapter(m, "other", vk.VeraConfig(r=4, target_modules=["q", "k", "v"], init_weights=False))
         vk.set_adapter(m, ["default", "other"])
     monkeypatch.setattr(impl, "linear_plain", lambda: pytest.fail("the one-call path was taken"))
+    if case == "subclass input":
+        x = torch.randn(2, 5, 12).as_subclass(_Marked).requires_grad_()
+        y = m(x)
+        y.sum().backward()
+        assert torch.isfinite(y.float()).all() and x.grad.abs().max() > 0
+        return
     y, gx, grads = _step(m, dtype)
     assert torch.isfinite(y.float()).all() and gx.abs().max() > 0

@@ -83,19 +83,26 @@ def _h_for(impl, x, xc, vera_A_s, p: float, share, hs: dict, compute_dtype):
     return h, xc
 
 
+# tensor types the one-call linear takes: a subclass (a quantized or distributed weight) may handle F.linear through
+# __torch_function__, which a call from C++ would skip, so it takes the Python ops
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def run_linear(backend: str, impl, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                fan_in_fan_out: bool, vera_A_s: torch.Tensor, vera_B_s: torch.Tensor, adapters, *,
                compute_dtype: torch.dtype, share=None) -> torch.Tensor:
     """A plain linear base (weight, bias) on ``x`` plus the adapters' deltas: ``linear_base`` then ``run_adapters``,
     or, in the common case, one native call (``impl.linear_plain()``, csrc/vera_up.cpp ``vera_linear_plain``) that
     runs the same ops in the same order: one adapter without dropout, an nn.Linear layout, everything in x's dtype
-    (the base weight and bias, A_s and the compute dtype), no fused base arrangement. h is shared with siblings
+    (the base weight and bias, A_s and the compute dtype), plain tensors (no subclass), no fused base arrangement.
+    h is shared with siblings
     through ``share`` as ``run_adapters`` does."""
     if len(adapters) == 1:
         lambda_d, lambda_b, p = adapters[0]
         dtype = x.dtype
         if (p == 0.0 and not fan_in_fan_out and compute_dtype == dtype and vera_A_s.dtype == dtype
                 and weight.dtype == dtype and (bias is None or bias.dtype == dtype)
+                and type(x) is torch.Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
                 and (backend != "triton" or impl.base_gemm_mode() == "cublas")):
             fn = impl.linear_plain()
             if fn is not None:

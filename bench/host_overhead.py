@@ -20,6 +20,10 @@ Only ratios within one run mean anything; implementations are alternated round b
     python bench/host_overhead.py [--tokens 16] [--in-features 64] [--out-features 64] [--r 16] [--repeats 300]
     python bench/host_overhead.py --model tiny-llama [--r 16] [--repeats 50]
     python bench/host_overhead.py --dropout 0.1 [--model tiny-llama]   (adapter dropout, training mode)
+
+With dropout, the torch backend's row is the CPU's, not a CUDA step's stand-in: its down node (csrc/vera_up.cpp)
+drops a CPU tensor in one fused C++ pass, and a CUDA tensor with ~40 int64 aten ops per mask (on CUDA "auto" runs the
+triton backend's in-kernel mask instead).
 """
 
 from __future__ import annotations
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["tiny-llama"], help="time a whole training step of this model instead")
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="adapter dropout (PEFT's vera_dropout / lora_dropout, ours): the triton backend's fused-mask "
-                         "down node, the torch backend's counter-based mask")
+                         "down node, the torch backend's counter-based mask (on CPU tensors one fused C++ pass, "
+                         "not aten ops: a CUDA step runs ~40 aten ops per mask there)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -3,6 +3,8 @@
 //   vera_up(base, h, B_s, lambda_d, lambda_b) -> base + h R^T,   R = diag(lambda_b) B_s diag(lambda_d)
 //   vera_up_py_backward(...): the same forward, backward through a registered Python function (the triton backend)
 //   vera_down_py(x, A_s, seed, p): the triton backend's dropout down node, through registered Python functions
+//   vera_down(x, A_s, seed, p): h = dropout(x) A_s^T, the torch backend's down node (VeraDownFunction in C++)
+//   dropout_apply(t, seed, p, inplace): the torch backend's seeded dropout of a (rows, cols) tensor
 //
 // The very same math, aten ops and dtype rules as vera_kernels/ops/vera_torch.py: VeraUpFunction (its docstring
 // has the derivation); tests/test_native_up.py checks that both give bit-identical results. Why C++: a small
@@ -12,7 +14,12 @@
 //
 // Light headers (no torch/extension.h) keep the one-off JIT build at ~20 s on a 2-core machine.
 #include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
@@ -20,9 +27,11 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <vector>
 
 namespace {
 
@@ -395,6 +404,123 @@ struct VeraDownPy : public torch::autograd::Function<VeraDownPy> {
     }
 };
 
+// ---------------------------------------------------------------------------------------------- the torch backend's dropout
+// The keep-mask of vera_torch.dropout_keep_mask (its docstring defines it): element (i, j) of a (rows, cols) input is
+// kept when mix31(r_i ^ c_j) >= int(p * 2^31), with r_i = mix31(mix31((i + seed_lo) & M) ^ seed_hi) and
+// c_j = (j * phi) & M, M = 2^31 - 1. The Python one computes it in int64 tensors, where no product reaches 2^63. Here
+// the per-element part runs in uint32: for v < 2^31, (v * K) mod 2^32 keeps the low 31 bits of v * K, so
+// (v * K) & M is the same value, and everything else is shifts and xors of values below 2^31. On the CPU the mask is
+// never materialised: one pass reads t and writes dropout(t) (the Python one makes ~12 int64 passes over (rows x
+// cols), each a fresh allocation: 100 ms against ~10 ms here at 2048 x 2048 on the development machine). On other
+// devices the same integers come from aten ops (the Python function's, in C++).
+constexpr int64_t kM31 = 0x7FFFFFFF;
+
+inline uint32_t mix31(uint32_t v) {
+    v ^= v >> 16;
+    v = (v * 0x7FEB352Du) & 0x7FFFFFFFu;
+    v ^= v >> 15;
+    v = (v * 0x846CA68Bu) & 0x7FFFFFFFu;
+    return v ^ (v >> 16);
+}
+
+Tensor mix31_tensor(const Tensor& t) {  // vera_torch._mix31 on int64 tensors
+    Tensor v = t.bitwise_xor(t.bitwise_right_shift(16));
+    v = v.mul(0x7FEB352DLL).bitwise_and_(kM31);
+    v = v.bitwise_xor(v.bitwise_right_shift(15));
+    v = v.mul(0x846CA68BLL).bitwise_and_(kM31);
+    return v.bitwise_xor(v.bitwise_right_shift(16));
+}
+
+// p * 2^31 exactly (a power-of-two scaling), truncated as Python's int() truncates
+int64_t keep_threshold(double p) { return static_cast<int64_t>(p * 2147483648.0); }
+
+template <typename scalar_t>
+void dropout_cpu_kernel(const scalar_t* src, scalar_t* dst, int64_t rows, int64_t cols, int64_t seed, double p) {
+    using opmath_t = at::opmath_type<scalar_t>;
+    // the scale as torch's mul_ by a Python float takes it: rounded once to the op's math type (float for float32
+    // and the half types, double for float64), then x * s rounded to x's dtype; dropped elements are +0, as
+    // masked_fill(~keep, 0) leaves them
+    const opmath_t scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const int64_t lo = seed & kM31, hi = (seed >> 31) & kM31, thr = keep_threshold(p);
+    std::vector<uint32_t> col(cols);
+    for (int64_t j = 0; j < cols; ++j)
+        col[j] = static_cast<uint32_t>((static_cast<uint64_t>(j) * 0x9E3779B1ull) & kM31);
+    const uint32_t* c = col.data();
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint32_t r = mix31(mix31(static_cast<uint32_t>((i + lo) & kM31)) ^ static_cast<uint32_t>(hi));
+        const scalar_t* s = src + i * cols;
+        scalar_t* d = dst + i * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+            const bool keep = static_cast<int64_t>(mix31(r ^ c[j])) >= thr;
+            d[j] = keep ? static_cast<scalar_t>(static_cast<opmath_t>(s[j]) * scale) : static_cast<scalar_t>(0);
+        }
+    }
+}
+
+// the fused pass reads and writes memory directly: plain strided CPU tensors only (not a fake, functional or other
+// Python-level tensor, which must see the aten ops)
+bool fusable(const Tensor& t) {
+    constexpr c10::DispatchKeySet kTraced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                           c10::DispatchKey::PythonTLSSnapshot});
+    return t.device().is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(kTraced);
+}
+
+// dropout(t) with the seed's mask, (m * t) / (1 - p) in t's dtype: vera_torch._dropped, bit for bit. ``inplace``
+// writes it into t where it can (t contiguous, or not on the CPU) and returns t; else the result is new. ``fused``
+// false takes the aten-op path of non-CPU devices on the CPU too (tests compare the two).
+Tensor dropout_apply(const Tensor& t, const Tensor& seed, double p, bool inplace, bool fused) {
+    TORCH_CHECK(t.dim() == 2, "vera_kernels: dropout_apply takes a (rows, cols) tensor, got ", t.dim(), " dims");
+    TORCH_CHECK(p >= 0.0 && p < 1.0, "vera_kernels: dropout probability must be in [0, 1), got ", p);
+    const int64_t rows = t.size(0), cols = t.size(1);
+    if (fused && fusable(t) && fusable(seed)) {
+        const int64_t s = seed.item<int64_t>();
+        Tensor src = t.contiguous();
+        Tensor dst = inplace && src.is_same(t) ? t : at::empty_like(src, at::MemoryFormat::Contiguous);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "vera_dropout_apply", [&] {
+            dropout_cpu_kernel<scalar_t>(src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), rows,
+                                         cols, s, p);
+        });
+        return dst;
+    }
+    const auto i64 = t.options().dtype(at::kLong);
+    const Tensor sd = seed.to(i64);
+    const Tensor lo = sd.bitwise_and(kM31), hi = sd.bitwise_right_shift(31).bitwise_and_(kM31);
+    const Tensor r = mix31_tensor(mix31_tensor(at::arange(rows, i64).add(lo).bitwise_and_(kM31)).bitwise_xor(hi));
+    const Tensor c = at::arange(cols, i64).mul(0x9E3779B1LL).bitwise_and_(kM31);
+    const Tensor dropped = mix31_tensor(r.unsqueeze(1).bitwise_xor(c)).lt(keep_threshold(p));
+    // the scale as Python passes a float: a wrapped-number tensor (mul_.Tensor, math in the op's math type); the
+    // Scalar overload, mul_.Scalar, would round it to t's dtype first (bf16: a different result)
+    const Tensor scale = at::native::wrapped_scalar_tensor(1.0 / (1.0 - p));
+    return inplace ? t.masked_fill_(dropped, 0).mul_(scale) : t.masked_fill(dropped, 0).mul_(scale);
+}
+
+// h = dropout(x) A_s^T (vera_torch.VeraDownFunction in C++: the same ops, dtype rules and saved tensors; its
+// docstring has the derivation): saved A_s and the seed, the mask regenerated in backward.
+struct VeraDown : public torch::autograd::Function<VeraDown> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& A_s, const std::optional<Tensor>& seed,
+                          double p) {
+        const Tensor sd = seed.has_value() ? *seed : Tensor();
+        ctx->save_for_backward({A_s, sd});
+        ctx->saved_data["p"] = p;
+        const Tensor x_ad = p > 0.0 ? dropout_apply(x, sd, p, false, true) : x;
+        return at::mm(x_ad, as_dtype(A_s, x.scalar_type()).t());
+    }
+
+    static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+        if (!ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor(), Tensor()};
+        auto saved = ctx->get_saved_variables();
+        const double p = ctx->saved_data["p"].toDouble();
+        const Tensor& grad_h = grads[0];
+        Tensor grad_x = at::mm(grad_h, as_dtype(saved[0], grad_h.scalar_type()));
+        if (p > 0.0) grad_x = dropout_apply(grad_x, saved[1], p, true, true);
+        return {grad_x, Tensor(), Tensor(), Tensor()};
+    }
+};
+
+Tensor vera_down(const Tensor& x, const Tensor& A_s, const std::optional<Tensor>& seed, double p) {
+    return VeraDown::apply(x, A_s, seed, p);
+}
+
 Tensor vera_up(const Tensor& base, const Tensor& h, const Tensor& B_s, const Tensor& lambda_d,
                const Tensor& lambda_b) {
     return VeraUp::apply(base, h, B_s, lambda_d, lambda_b);
@@ -434,6 +560,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("vera_up", &vera_up, "base + h R^T with R = diag(lambda_b) B_s diag(lambda_d) (VeraUpFunction in C++)");
     m.def("vera_up_py_backward", &vera_up_py_backward,
           "vera_up's forward; backward through the up_backward given to set_triton_functions");
+    m.def("vera_down", &vera_down, "h = dropout(x) A_s^T (VeraDownFunction in C++)");
+    m.def("dropout_apply", &dropout_apply, py::arg("t"), py::arg("seed"), py::arg("p"), py::arg("inplace") = false,
+          py::arg("fused") = true,
+          "dropout(t) with the torch backend's seeded keep-mask (vera_torch.dropout_keep_mask), in t's dtype");
     m.def("vera_down_py", &vera_down_py,
           "h = dropout(x) A_s^T through the down_forward / down_backward given to set_triton_functions");
     py::class_<LaunchReplay, std::shared_ptr<LaunchReplay>>(m, "LaunchReplay",

@@ -149,6 +149,96 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     assert res.stderr.count("the C++ up node is unavailable") == 1, res.stderr[-3000:]
 
 
+# ============================================================================================ the torch down node
+# VeraDown (VeraDownFunction in C++) and its dropout: on the CPU one fused pass (dropout_apply), elsewhere the Python
+# function's integer ops in aten; both must give vera_torch's mask and values bit for bit.
+DROPOUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _dropout_apply():
+    _native()
+    return NU.native_dropout_apply()
+
+
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES)
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (129, 7), (3, 301)])
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_apply_is_the_python_dropout(dtype, shape, p, fused):
+    apply = _dropout_apply()
+    gen = torch.Generator().manual_seed(hash((str(dtype), shape, p)) % 2**31)
+    seed = torch.randint(0, 2**62, (), generator=gen)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    want = VT._dropped(x, seed, p)
+    got = apply(x, seed, p, False, fused)
+    assert got.dtype == dtype and torch.equal(got, want)
+    y = x.clone()
+    out = apply(y, seed, p, True, fused)  # in place into a contiguous tensor
+    assert out.data_ptr() == y.data_ptr() and torch.equal(y, want)
+    xt = torch.randn(shape[1], shape[0], generator=gen).to(dtype).t()  # strided
+    assert torch.equal(apply(xt, seed, p, False, fused), VT._dropped(xt, seed, p))
+    if fused and not xt.is_contiguous():  # in place on a strided CPU tensor: a new result, the input left as it was
+        before = xt.clone()
+        assert torch.equal(apply(xt, seed, p, True, fused), VT._dropped(before, seed, p)) and torch.equal(xt, before)
+
+
+def test_dropout_apply_is_a_dropout():
+    apply = _dropout_apply()
+    x = torch.randn(300, 257, generator=torch.Generator().manual_seed(1))
+    x[5, 7] = float("nan")
+    seeds = [torch.tensor(s) for s in (0, 1, 2**40 + 3)]
+    outs = [apply(x, s, 0.25) for s in seeds]
+    for out in outs:
+        kept = out != 0
+        assert abs(kept.float().mean().item() - 0.75) < 0.01
+        assert torch.equal(out[kept & ~x.isnan()], (x * (1 / 0.75))[kept & ~x.isnan()])
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # every seed its own mask
+    # NaN is kept where the mask keeps it (and dropped to 0 where it drops it, as masked_fill does)
+    assert torch.equal(outs[0][5, 7].isnan(), VT.dropout_keep_mask(seeds[0], x.shape, 0.25, x.device)[5, 7])
+    with pytest.raises(RuntimeError, match="rows, cols"):
+        apply(torch.randn(2, 3, 4), seeds[0], 0.25)
+    # tensors that are not plain CPU memory take the aten ops (a fake tensor, as torch.export and FakeTensorMode
+    # run, has no data to read; a meta tensor no memory)
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        fake = apply(torch.randn(7, 9), torch.tensor(5), 0.3)
+    assert isinstance(fake, FakeTensor) and fake.shape == (7, 9)
+    h = NU.native_down()(torch.randn(3, 4, device="meta"), torch.randn(2, 4, device="meta"),
+                         torch.tensor(3, device="meta"), 0.2)
+    assert h.shape == (3, 2) and h.is_meta
+    with pytest.raises(RuntimeError, match=r"\[0, 1\)"):
+        apply(x, seeds[0], 1.0)
+
+
+@pytest.mark.parametrize("dtype,a_dtype,p", [(torch.float32, torch.float32, 0.3), (torch.float64, torch.float64, 0.1),
+                                             (torch.bfloat16, torch.bfloat16, 0.3), (torch.float16, torch.float32, 0.2),
+                                             (torch.float32, torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_torch_down_node_bit_identical_to_the_python_function(dtype, a_dtype, p, strided):
+    _native()
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(53, 41, generator=gen).t() if strided else torch.randn(41, 53, generator=gen)).to(dtype)
+    A_s = torch.randn(19, 60, generator=gen)[:, :53].to(a_dtype)  # a column slice of the shared A
+    seed = torch.tensor(987654321) if p > 0 else None
+    gh = torch.randn(41, 19, generator=gen).to(dtype)
+    outs = []
+    for fn in (NU.native_down(), VT.VeraDownFunction.apply):
+        xx = x.clone().requires_grad_()
+        h = fn(xx, A_s, seed, p)
+        h.backward(gh)
+        outs.append((h.detach(), xx.grad))
+    (h_n, gx_n), (h_p, gx_p) = outs
+    assert h_n.dtype == h_p.dtype == dtype and gx_n.dtype == dtype
+    assert torch.equal(h_n, h_p) and torch.equal(gx_n, gx_p)
+    assert torch.isfinite(h_n.float()).all() and h_n.abs().max() > 0
+    if p > 0:
+        dropped = (gx_n == 0).float().mean().item()
+        assert abs(dropped - p) < 0.06, dropped
+    with torch.no_grad():  # no gradient wanted: forward only, the same h
+        assert torch.equal(NU.native_down()(x, A_s, seed, p), h_p)
+
+
 # ============================================================================================ the triton backend's
 # VeraUpPyBackward: the C++ forward (the same aten ops as VeraUpTritonFunction's) and a backward through the triton
 # backend's _up_bwd_native (its Triton kernels, run by the interpreter here)
@@ -246,19 +336,20 @@ def test_triton_dropout_down_node_bit_identical_to_its_python_function(dtype, p)
     assert abs(dropped - p) < 0.05, dropped
 
 
-def test_the_triton_backend_runs_its_dropout_node_in_eager_mode():
+@pytest.mark.parametrize("backend,node_name", [("torch", "VeraDown"), ("triton", "VeraDownPy")])
+def test_the_backend_runs_its_dropout_node_in_eager_mode(backend, node_name):
     import vera_kernels as vk
     from helpers import tiny_llama, token_ids
 
-    _triton()
+    _triton() if backend == "triton" else _native()
     model = vk.patch_model(tiny_llama(0), vk.VeraConfig(r=4, target_modules=["q_proj"], init_weights=False,
-                                                         vera_dropout=0.2), backend="triton")
+                                                         vera_dropout=0.2), backend=backend)
     model.train()
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     up = layer(x).grad_fn.next_functions[0][0]
-    down = next(f for f, _ in up.next_functions if f is not None and "VeraDownPy" in f.name())
-    assert "CppNode" in down.name(), down.name()
+    down = next(f for f, _ in up.next_functions if f is not None and "VeraDown" in f.name())
+    assert "CppNode" in down.name() and down.name().endswith(f"{node_name}>"), down.name()
     model(token_ids(0)).logits.sum().backward()
     assert layer.vera_lambda_d["default"].grad.abs().max() > 0
 

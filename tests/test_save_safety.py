@@ -133,7 +133,6 @@ def test_failed_save_keeps_previous_checkpoint(fails, tmp_path, monkeypatch):
 
         monkeypatch.setattr(safetensors.torch, "save_file", half_written)
     else:
-        real_dump = json.dump
 
         def half_dump(obj, f, **kw):
             f.write(json.dumps(obj, **kw)[:20])

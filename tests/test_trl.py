@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import vera_kernels as vk
-from helpers import assert_tensors_equal, quiet, save_nf4_llama, tiny_llama, trainer_base_model
+from helpers import assert_tensors_equal, quiet, save_nf4_llama, trainer_base_model
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")

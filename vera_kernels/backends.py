@@ -89,8 +89,9 @@ def auto_backend(device: torch.device, dropout: bool) -> str:
       the eager step is bound by the host, on which the torch backend is the cheaper (bench/host_overhead.py).
       So there is no size, in tokens x out, at which triton wins an eager step: no crossover to switch at.
     - With dropout, on CUDA: "triton". Its mask is drawn inside the down kernel's loads; the torch backend's
-      counter-based mask is ~12 elementwise int64 passes over the (tokens x in) input, several times the layer's
-      own memory traffic at any size.
+      counter-based mask is ~12 elementwise int64 passes over the (tokens x in) input on CUDA, several times the
+      layer's own memory traffic at any size. (On the CPU the torch backend's down node drops x in one fused C++
+      pass, csrc/vera_up.cpp dropout_apply: "torch" there, with or without dropout.)
     Re-measure with ``make gpu-check`` when either backend changes."""
     if device.type == "cuda" and dropout and triton_import_error() is None:
         return "triton"

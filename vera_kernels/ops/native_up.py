@@ -6,7 +6,9 @@ forward's node or in backward, ~45-60 us per adapted layer call on the developme
 bound by the host (``bench/host_overhead.py``). The triton backend's up node (no fused base) is ``VeraUpPyBackward``:
 the same C++ forward, and a backward that calls the triton backend's Python ``_up_bwd_into`` (its Triton launches)
 and nothing else in Python; its dropout down node is ``VeraDownPy``, whose forward and backward call
-``_down_fwd_native`` / ``_down_bwd_native`` (``native_triton_nodes``). All three replay their launches from C++
+``_down_fwd_native`` / ``_down_bwd_native`` (``native_triton_nodes``). The torch backend's down node with dropout
+(or a cast A_s) is ``VeraDown``, whose dropout on the CPU is one fused pass (``dropout_apply``) where the Python
+one runs ~40 int64 tensor ops. The triton nodes replay their launches from C++
 once a signature has been seen (``launch_replay``), entering Python only for the launch guard.
 
 Loading (first success wins, once per process, under a lock):
@@ -74,6 +76,20 @@ def native_up() -> Optional[Callable]:
     """The C++ ``vera_up(base, h, B_s, lambda_d, lambda_b)``, or None (disabled or not buildable here)."""
     module = _module()
     return module.vera_up if module is not None else None
+
+
+def native_down() -> Optional[Callable]:
+    """The C++ ``vera_down(x, A_s, seed, p)`` (the torch backend's down node, VeraDownFunction in C++; on the CPU its
+    dropout is one fused pass, no int64 mask tensors), or None (disabled or not buildable here)."""
+    module = _module()
+    return module.vera_down if module is not None else None
+
+
+def native_dropout_apply() -> Optional[Callable]:
+    """The C++ ``dropout_apply(t, seed, p, inplace=False)`` (vera_torch's seeded dropout of a 2-D tensor, bit for
+    bit), or None."""
+    module = _module()
+    return module.dropout_apply if module is not None else None
 
 
 def native_linear_plain() -> Optional[Callable]:

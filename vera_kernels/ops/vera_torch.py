@@ -11,7 +11,8 @@ Why custom Functions and not composed aten ops: composed, the up node's ``addmm(
 (out x r, per layer, per step) and the lambda products for backward; these keep h and references to parameters only.
 Host cost (the eager step is host-bound at small sizes): each node is entered through the C-level apply (see
 ``_apply``), runs 2-4 aten ops in forward and 2-6 in backward, and never leaves the autograd engine's C++ loop for
-anything but its own backward.
+anything but its own backward. In eager mode both nodes are their C++ twins where the extension loads
+(ops/native_up.py: VeraUp, VeraDown): no Python frame at all.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def dropout_keep_mask(seed, shape, p: float, device: torch.device) -> torch.Tens
     the seed a 0-dim int64 tensor on ``device`` (drawn there by the op from torch's generator, so
     ``torch.manual_seed`` reproduces it). Pure tensor ops: no host generator and no ``.item()``, so torch.compile
     traces it into the graph and a CUDA graph replays it with each replay's fresh seed. Forward and backward
-    regenerate it; it is never stored between them.
+    regenerate it; it is never stored between them. In eager mode the C++ down node (csrc/vera_up.cpp, VeraDown)
+    applies the same mask bit for bit: on a CPU tensor in one fused pass that never materialises it (reading the
+    seed's value: the CPU has no graphs to capture), elsewhere with these ops in aten.
     """
     rows, cols = shape
     seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
@@ -272,7 +275,15 @@ def _apply_up_native_first():
     return native_first(_apply(VeraUpFunction), native_up)
 
 
-apply_down = _apply(VeraDownFunction)
+def _apply_down_native_first():
+    """The down node's apply: the C++ VeraDown (the same ops; on the CPU the dropout in one fused pass, see
+    csrc/vera_up.cpp dropout_apply) where it loads, else VeraDownFunction."""
+    from .native_up import native_down
+
+    return native_first(_apply(VeraDownFunction), native_down)
+
+
+apply_down = _apply_down_native_first()
 apply_up = _apply_up_native_first()
 
 

@@ -162,7 +162,8 @@ def test_quick_run_has_every_case_and_implementation(quick):
             assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["step_ms"] >= r["fwdbwd_ms"] * 0.999
             assert isinstance(r["saved_bytes"], int)
     # the memory-lean backend keeps only h = x A^T (tokens x r) for backward, in the branch's compute dtype (on the
-    # CPU the torch backend computes a bf16 model's branch in float32: _dtypes.adapter_compute_dtype)
+    # CPU the torch backend computes a bf16 model's branch in float32 unless the CPU has native bf16:
+    # _dtypes.adapter_compute_dtype)
     from vera_kernels._dtypes import adapter_compute_dtype
 
     for r in layer:

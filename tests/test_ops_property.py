@@ -257,6 +257,39 @@ def test_leading_dims_and_dtypes(backend, dtype, lead):
     check_case(backend, _case(dtype=dtype, lead=lead, seed=len(lead) * 7 + 1))
 
 
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_cpu_bf16_branch_follows_the_switch(switch, monkeypatch):
+    """The torch backend's CPU branch dtype for a bf16 model: bf16 where the CPU multiplies bf16 natively, float32
+    elsewhere (VERA_KERNELS_CPU_BF16 forces either); both within bf16's tolerance of the float64 formula, and the
+    h kept for backward in that dtype."""
+    from vera_kernels import _dtypes
+
+    monkeypatch.setenv(_dtypes.ENV_CPU_BF16, switch)
+    _dtypes.reset_cpu_bf16()
+    try:
+        want = torch.bfloat16 if switch == "1" else torch.float32
+        assert _dtypes.cpu_bf16_native() is (switch == "1")
+        assert _dtypes.adapter_compute_dtype("torch", torch.bfloat16, "cpu") == want
+        assert _dtypes.adapter_compute_dtype("torch", torch.float16, "cpu") == torch.float32  # fp16: float32 always
+        assert _dtypes.adapter_compute_dtype("torch", torch.bfloat16, "cuda") == torch.bfloat16
+        assert _dtypes.adapter_compute_dtype("reference", torch.bfloat16, "cpu") == torch.float32
+        check_case("torch", _case(dtype=torch.bfloat16, lead=[4, 9], seed=21))
+        check_case("torch", _case(dtype=torch.bfloat16, lead=[3, 5], p=0.3, training=True, seed=22))
+        t = build_inputs(_case(dtype=torch.bfloat16, lead=[6], seed=23))
+        _, nbytes = saved_activation_bytes(
+            lambda: vk.ops.vera_linear(t["x"], t["weight"], t["bias"], t["A"], t["B"], t["ld"], t["lb"],
+                                       backend="torch"),
+            [t[k] for k in ("x", "weight", "bias", "A", "B", "ld", "lb")])
+        assert nbytes == 6 * 5 * want.itemsize  # h (tokens x r) in the branch's dtype, nothing else
+        monkeypatch.setenv(_dtypes.ENV_CPU_BF16, "yes")
+        _dtypes.reset_cpu_bf16()
+        with pytest.raises(ValueError, match=_dtypes.ENV_CPU_BF16):
+            _dtypes.cpu_bf16_native()
+    finally:
+        monkeypatch.delenv(_dtypes.ENV_CPU_BF16)
+        _dtypes.reset_cpu_bf16()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "step_last", "step_lead"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])

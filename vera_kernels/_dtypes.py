@@ -5,11 +5,14 @@
 - The "reference" backend computes the adapter branch in float32 (PEFT's "autocast adapter dtype"), then casts the
   result back to the base output's dtype.
 - The "torch" and "triton" backends compute in the activation dtype (fp32/fp16/bf16) with float32 accumulation and
-  float32 lambdas (the torch backend on the CPU: float32, see adapter_compute_dtype); A is cast to the compute dtype
-  once and cached, B is folded with the lambdas in float32.
+  float32 lambdas (the torch backend on the CPU: float32 for fp16, and for bf16 where the CPU has no native bf16,
+  see adapter_compute_dtype); A is cast to the compute dtype once and cached, B is folded with the lambdas in
+  float32.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,16 +30,52 @@ def allowed_dtypes(backend: str) -> tuple:
 def adapter_compute_dtype(backend: str, activation_dtype: torch.dtype, device_type: str = "cuda") -> torch.dtype:
     """The dtype of the adapter branch's GEMMs (and of h): float32 for the reference (PEFT's "autocast adapter
     dtype"); for the fused backends the activation dtype (for a quantized base: its compute dtype, the dtype of its
-    output), with float32 accumulation and float32 lambdas, except the torch backend on the CPU, which computes a
-    bf16/fp16 model's branch in float32 as PEFT does: CPUs without native bf16 (AVX2, most AVX-512) run bf16 GEMMs
-    emulated, ~100x slower than float32 on the development machine (512x1376x256: 348 against 3.2 ms), which made
-    the adapter cost half a bf16 step. (The triton backend on the CPU is the interpreter, for tests: it keeps the
-    activation dtype so that the low-precision kernels are what is tested.)"""
+    output), with float32 accumulation and float32 lambdas, except the torch backend on the CPU, which computes an
+    fp16 model's branch in float32 as PEFT does, and a bf16 model's too where the CPU has no native bf16
+    (``cpu_bf16_native``). Emulated, a bf16 GEMM is ~100x slower than float32 (an AVX2 development machine,
+    512x1376x256: 348 against 3.2 ms), which made the adapter cost half a bf16 step; native (AVX512-BF16, AMX), it
+    is 4-7x faster than float32 (an AMX machine, 1024x2048x256, one thread: 1.0-1.9 against 7.1 ms), which took a
+    2048x2048 bf16 layer's fwd+bwd from 0.99x PEFT's time to 0.49x. fp16 GEMMs ran at float32's speed on both.
+    (The triton backend on the CPU is the interpreter, for tests: it keeps the activation dtype so that the
+    low-precision kernels are what is tested.)"""
     if backend == "reference":
         return PARAM_DTYPE
     if backend == "torch" and device_type == "cpu" and activation_dtype in (torch.float16, torch.bfloat16):
-        return PARAM_DTYPE
+        return torch.bfloat16 if activation_dtype == torch.bfloat16 and cpu_bf16_native() else PARAM_DTYPE
     return activation_dtype
+
+
+ENV_CPU_BF16 = "VERA_KERNELS_CPU_BF16"
+_CPU_BF16: list = []  # [bool] once asked
+
+
+def cpu_bf16_native() -> bool:
+    """Whether the torch backend runs a bf16 model's branch in bf16 on the CPU: where the CPU multiplies bf16
+    natively (AVX512-BF16 or AMX tiles, torch.cpu's feature probes), unless ``VERA_KERNELS_CPU_BF16`` says otherwise
+    (0: float32, as on a CPU without; 1: bf16). Decided once per process (``reset_cpu_bf16`` for tests)."""
+    if not _CPU_BF16:
+        env = os.environ.get(ENV_CPU_BF16)
+        if env in (None, "", "auto"):
+            probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+                      getattr(torch.cpu, "_is_amx_tile_supported", None))
+            native = False
+            for probe in probes:
+                try:
+                    native = native or bool(probe is not None and probe())
+                except Exception:  # a probe this torch build lacks or cannot run: not native
+                    pass
+        elif env in ("0", "1"):
+            native = env == "1"
+        else:
+            raise ValueError(f"{ENV_CPU_BF16}={env!r}: use 0 (float32 branch), 1 (bf16 branch) or auto (the default)")
+        _CPU_BF16.append(native)
+    return _CPU_BF16[0]
+
+
+def reset_cpu_bf16() -> None:
+    """Forget the decision (and every dtype rule derived from it): the next call asks the CPU and the environment."""
+    _CPU_BF16.clear()
+    _BRANCH_DTYPES.clear()
 
 
 def check_activation_dtype(x: torch.Tensor, allowed=COMPUTE_DTYPES, what: str = "input") -> None:

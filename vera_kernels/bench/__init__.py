@@ -48,6 +48,7 @@ lacked gpu_fwdbwd_ms/gpu_note)::
       "machine": {"device": "cpu"|"cuda", "cpu": str, "cpu_flags": [str], "cpu_count": int, "threads": int,
                   "gpu": str|null, "gpu_memory_bytes": int|null, "cuda": str|null, "python": str, "platform": str,
                   "timing": str, "loadavg": {"start": [float]|null, "end": [float]|null},
+                  "cpu_bf16_branch": "bfloat16"|"float32" (the torch backend's bf16 branch dtype on this CPU),
                   "versions": {"torch", "triton", "transformers", "peft", "vera_kernels": str|null}},
       "config": {"argv": [str], "device": str, "dtypes": [str], "model_dtype": str, "r": [int], "tokens": [int],
                  "shapes": ["INxOUT"], "model": str, "model_description": str, "backends": [str], "cases": [str],

@@ -67,6 +67,10 @@ def machine_info(device: torch.device, timing: str) -> dict:
             "vera_kernels": getattr(vera_kernels, "__version__", None),
         },
     }
+    from vera_kernels._dtypes import adapter_compute_dtype
+
+    # the torch backend's branch dtype for a bf16 model on this CPU (bf16 where the CPU multiplies it natively)
+    info["cpu_bf16_branch"] = str(adapter_compute_dtype("torch", torch.bfloat16, "cpu")).replace("torch.", "")
     info["loadavg"] = {"start": loadavg(), "end": None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

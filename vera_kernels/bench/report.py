@@ -284,6 +284,8 @@ def machine_line(m: dict) -> str:
     else:
         flags = ", ".join(m.get("cpu_flags", [])) or "no AVX-512/AMX"
         dev = f"CPU {m.get('cpu')} ({m.get('cpu_count')} logical cores; {flags})"
+        if m.get("cpu_bf16_branch"):
+            dev += f" | torch backend's bf16 branch in {m['cpu_bf16_branch']}"
     vs = " | ".join(f"{k} {v[k] if v.get(k) else 'not installed'}" for k in
                     ("torch", "triton", "transformers", "peft", "vera_kernels"))
     return f"{dev} | {threads_text(m.get('threads'))} | {vs} | python {m.get('python')}"

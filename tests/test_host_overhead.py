@@ -80,3 +80,13 @@ def test_host_overhead_refuses_the_interpreter():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--repeats", "1"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
     assert res.returncode != 0 and "TRITON_INTERPRET" in res.stderr, res.stdout + res.stderr
+
+
+def test_torch_dropout_cpu_benchmark_runs():
+    """bench/torch_dropout_cpu.py (the torch backend's CPU dropout, C++ against its Python mask) on a tiny layer."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_dropout_cpu.py"), "--tokens", "40",
+                          "--in-features", "37", "--out-features", "29", "--r", "5", "--repeats", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    rows = [line.split() for line in res.stdout.splitlines() if "x PEFT" in line]
+    assert [r[0] for r in rows] == ["peft", "torch", "torch"] and all(float(r[-1]) > 0 for r in rows), res.stdout

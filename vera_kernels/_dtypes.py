@@ -56,20 +56,22 @@ def cpu_bf16_native() -> bool:
     if not _CPU_BF16:
         env = os.environ.get(ENV_CPU_BF16)
         if env in (None, "", "auto"):
-            probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-                      getattr(torch.cpu, "_is_amx_tile_supported", None))
-            native = False
-            for probe in probes:
-                try:
-                    native = native or bool(probe is not None and probe())
-                except Exception:  # a probe this torch build lacks or cannot run: not native
-                    pass
+            native = _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
         elif env in ("0", "1"):
             native = env == "1"
         else:
             raise ValueError(f"{ENV_CPU_BF16}={env!r}: use 0 (float32 branch), 1 (bf16 branch) or auto (the default)")
         _CPU_BF16.append(native)
     return _CPU_BF16[0]
+
+
+def _cpu_has(probe_name: str) -> bool:
+    """torch.cpu's feature probe ``probe_name``; False where this torch build lacks it or it cannot run."""
+    probe = getattr(torch.cpu, probe_name, None)
+    try:
+        return bool(probe is not None and probe())
+    except Exception:
+        return False
 
 
 def reset_cpu_bf16() -> None:
